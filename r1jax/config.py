@@ -1,0 +1,479 @@
+"""Typed configuration: one schema, YAML files under configs/, dotted command-line overrides.
+
+A config file is YAML. It may name other files under `base:` (a path or a list of paths, relative to
+the file); they are merged first, in order, and the file itself then sets only what differs:
+
+    # configs/my_run.yaml
+    base: models/tiny_v3.yaml
+    model: {n_layers: 4}
+    mesh: {fsdp: 2}
+
+Every key is checked against the dataclasses below. An unknown key, a wrong type or an impossible
+combination raises `ConfigError` with one line that names the key and the file (or "command line")
+that set it, with a close-match suggestion for typos:
+
+    configs/my_run.yaml: model.n_grop: unknown key (did you mean 'n_group'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CLI = "command line"
+
+
+class ConfigError(ValueError):
+    """A config problem, with a one-line message naming the key and where it was set."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling. `yarn`: YaRN (DeepSeek-V2/V3); `llama3`: Llama 3.1 frequency bands."""
+
+    type: Literal["yarn", "llama3"]
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 1.0  # yarn: numerator of the cos/sin attention factor
+    mscale_all_dim: float = 0.0  # yarn: its square multiplies the softmax scale (0 = off)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One decoder, many variants. `family` fixes the conventions of the reference implementation:
+
+    - deepseek_v3 / deepseek_v2: MLA attention with interleaved (pairwise) rotary on the decoupled
+      RoPE dims; MoE layers after `first_k_dense_replace` dense ones.
+    - qwen2 / llama3: grouped-query attention with half-split rotary; dense MLP; qwen2 has qkv bias.
+    """
+
+    family: Literal["deepseek_v3", "deepseek_v2", "qwen2", "llama3"]
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int  # hidden size of the dense MLP layers
+    # grouped-query attention (qwen2 / llama3)
+    n_kv_heads: int = 0  # 0: same as n_heads
+    head_dim: int = 0  # 0: d_model // n_heads
+    qkv_bias: bool = False
+    # multi-head latent attention (deepseek)
+    q_lora_rank: int | None = None  # None: full query projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # positions
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096
+    # mixture of experts (n_routed_experts = 0: every layer dense)
+    n_routed_experts: int = 0
+    first_k_dense_replace: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_d_ff: int = 0
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: Literal["top2_sum", "max"] = "top2_sum"  # V3: sum of top-2; V2: max
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    # multi-token prediction (DeepSeek-V3 section 2.2)
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
+    # numerics
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    # ---- derived ----
+    @property
+    def is_mla(self) -> bool:
+        return self.family in ("deepseek_v3", "deepseek_v2")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.is_mla else self.gqa_head_dim
+
+    @property
+    def n_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.n_layers) if self.is_moe else self.n_layers
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    def errors(self) -> list[tuple[str, str]]:
+        """Impossible combinations, as (key, message) pairs."""
+        out = []
+        positive = ["vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        if self.is_mla:
+            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+                out.append(("q_lora_rank", "must be > 0 or null (full query projection)"))
+            if self.qk_rope_head_dim % 2:
+                out.append(("qk_rope_head_dim", f"must be even for rotary pairs, got {self.qk_rope_head_dim}"))
+            for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                if getattr(self, key) <= 0:
+                    out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        else:
+            if self.n_heads % self.kv_heads:
+                out.append(("n_kv_heads", f"{self.kv_heads} does not divide n_heads={self.n_heads}"))
+            if self.gqa_head_dim % 2:
+                out.append(("head_dim", f"must be even for rotary, got {self.gqa_head_dim}"))
+            if self.is_moe:
+                out.append(("n_routed_experts", f"family {self.family} is dense; MoE needs a deepseek family"))
+            if self.mtp_depth:
+                out.append(("mtp_depth", f"family {self.family} has no multi-token prediction module"))
+        if self.family != "qwen2" and self.qkv_bias:
+            out.append(("qkv_bias", f"only the qwen2 family has qkv bias, not {self.family}"))
+        if self.is_moe:
+            e, g = self.n_routed_experts, self.n_group
+            if self.num_experts_per_tok <= 0 or self.num_experts_per_tok > e:
+                out.append(("num_experts_per_tok", f"must be in 1..n_routed_experts={e}, got {self.num_experts_per_tok}"))
+            if self.moe_d_ff <= 0:
+                out.append(("moe_d_ff", f"must be > 0 for an MoE model, got {self.moe_d_ff}"))
+            if g <= 0 or e % g:
+                out.append(("n_group", f"{g} does not divide n_routed_experts={e}"))
+            elif self.topk_group <= 0 or self.topk_group > g:
+                out.append(("topk_group", f"must be in 1..n_group={g}, got {self.topk_group}"))
+            elif self.num_experts_per_tok > self.topk_group * (e // g):
+                out.append(("num_experts_per_tok", f"{self.num_experts_per_tok} > topk_group*experts_per_group"
+                            f" = {self.topk_group}*{e // g}: not enough experts in the selected groups"))
+            elif g > 1 and self.group_score == "top2_sum" and e // g < 2:
+                out.append(("group_score", "top2_sum needs at least 2 experts per group"))
+            if self.first_k_dense_replace < 0 or self.first_k_dense_replace > self.n_layers:
+                out.append(("first_k_dense_replace", f"must be in 0..n_layers={self.n_layers}"))
+        if self.mtp_depth < 0:
+            out.append(("mtp_depth", f"must be >= 0, got {self.mtp_depth}"))
+        if self.rope_scaling is not None and self.rope_scaling.factor <= 0:
+            out.append(("rope_scaling.factor", "must be > 0"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes. One axis may be -1: it takes the devices left over."""
+
+    data: int = 1
+    fsdp: int = -1
+    expert: int = 1
+    tensor: int = 1
+
+    def errors(self) -> list[tuple[str, str]]:
+        out = []
+        fills = [k for k in ("data", "fsdp", "expert", "tensor") if getattr(self, k) == -1]
+        if len(fills) > 1:
+            out.append((fills[1], f"only one mesh axis may be -1, got {', '.join(fills)}"))
+        for k in ("data", "fsdp", "expert", "tensor"):
+            v = getattr(self, k)
+            if v == 0 or v < -1:
+                out.append((k, f"must be >= 1 or -1 (fill), got {v}"))
+        return out
+
+    def resolve(self, n_devices: int) -> dict[str, int]:
+        """Axis sizes for `n_devices` devices, filling the -1 axis."""
+        sizes = {k: getattr(self, k) for k in ("data", "fsdp", "expert", "tensor")}
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        for k, v in sizes.items():
+            if v == -1:
+                if n_devices % fixed:
+                    raise ConfigError(f"mesh.{k}: -1 cannot fill {n_devices} devices, the other axes take {fixed}")
+                sizes[k] = n_devices // fixed
+        if math.prod(sizes.values()) != n_devices:
+            raise ConfigError(f"mesh: {sizes} has {math.prod(sizes.values())} devices, but {n_devices} are present")
+        return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run. Later stages (training, sampling, pipeline) add their sections here."""
+
+    model: ModelConfig
+    mesh: MeshConfig = MeshConfig()
+    name: str = ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: dict) -> None:
+    """Deep-merge `src` into `dst` (mappings merge, anything else replaces)."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _dotted_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            out.extend(_dotted_keys(v, f"{prefix}{k}."))
+    return out
+
+
+def _load_tree(path: Path, stack: tuple = ()) -> tuple[dict, dict]:
+    """(merged tree, {dotted key: file that set it}) of `path` and its `base:` files."""
+    path = path.resolve()
+    if path in stack:
+        raise ConfigError(f"{_show(path)}: `base` includes itself via {' -> '.join(_show(p) for p in stack)}")
+    data = _read_yaml(path)
+    bases = data.pop("base", None)
+    tree: dict = {}
+    origins: dict = {}
+    for base in [bases] if isinstance(bases, str) else (bases or []):
+        if not isinstance(base, str):
+            raise ConfigError(f"{_show(path)}: base: expected a path or a list of paths, got {base!r}")
+        base_tree, base_origins = _load_tree(path.parent / base, stack + (path,))
+        _merge(tree, base_tree)
+        origins.update(base_origins)
+    _merge(tree, data)
+    origins.update({k: _show(path) for k in _dotted_keys(data)})
+    return tree, origins
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`model.n_layers=4` -> ("model.n_layers", 4). The value is read as YAML (ints, floats, null...)."""
+    if "=" not in text:
+        raise ConfigError(f"{CLI}: override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                data: dict | None = None) -> Config:
+    """Load `path` (YAML, with `base:` includes) or a dict, apply `key=value` overrides, validate."""
+    tree: dict = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        tree, origins = _load_tree(Path(path))
+    if data is not None:
+        _merge(tree, data)
+        origins.update({k: "<dict>" for k in _dotted_keys(data)})
+    for ov in overrides:
+        key, value = parse_override(ov)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge(tree, nested)
+        origins.update({k: CLI for k in _dotted_keys(nested)})
+    return build(Config, tree, origins)
+
+
+def build(cls, tree: dict, origins: dict | None = None, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict with type checks and cross-field validation."""
+    origins = origins or {}
+    obj = _build_dataclass(cls, tree, origins, prefix)
+    _validate(obj, origins, prefix)
+    return obj
+
+
+def _where(origins: dict, key: str) -> str:
+    # The most specific source that set this key or one of its parents.
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        src = origins.get(".".join(parts[:i]))
+        if src:
+            return src
+    return "defaults"
+
+
+def _fail(origins: dict, key: str, msg: str):
+    raise ConfigError(f"{_where(origins, key)}: {key}: {msg}")
+
+
+def _build_dataclass(cls, tree, origins, prefix):
+    if not isinstance(tree, dict):
+        _fail(origins, prefix.rstrip("."), f"expected a mapping for {cls.__name__}, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(fields))})"
+            _fail(origins, dotted, f"unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, origins, dotted)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            hint = hints[name]
+            if dataclasses.is_dataclass(hint):
+                kwargs[name] = _coerce(hint, {}, origins, f"{prefix}{name}")
+            else:
+                _fail(origins, f"{prefix}{name}", f"missing required key ({_type_name(hint)})")
+    return cls(**kwargs)
+
+
+def _type_name(t) -> str:
+    if typing.get_origin(t) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(t))
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(t))
+    return "null" if t is type(None) else getattr(t, "__name__", str(t))
+
+
+def _coerce(t, value, origins, key):
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, origins, key)
+            except ConfigError:
+                if len([x for x in args if x is not type(None)]) == 1:
+                    raise
+        _fail(origins, key, f"expected {_type_name(t)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(t)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            _fail(origins, key, f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}")
+        return value
+    if dataclasses.is_dataclass(t):
+        return _build_dataclass(t, value, origins, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(origins, key, f"expected a list, got {value!r}")
+        (elem, *_rest) = typing.get_args(t)
+        return tuple(_coerce(elem, v, origins, f"{key}[{i}]") for i, v in enumerate(value))
+    if t is bool:
+        if not isinstance(value, bool):
+            _fail(origins, key, f"expected true/false, got {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(origins, key, f"expected an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(origins, key, f"expected a number, got {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            _fail(origins, key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config schema: unsupported type {t} at {key}")
+
+
+def _validate(cfg, origins, prefix):
+    if isinstance(cfg, Config):
+        for key, msg in cfg.model.errors():
+            _fail(origins, f"model.{key}", msg)
+        for key, msg in cfg.mesh.errors():
+            _fail(origins, f"mesh.{key}", msg)
+        for key, msg in mesh_model_errors(cfg.mesh, cfg.model):
+            _fail(origins, key, msg)
+    elif hasattr(cfg, "errors"):
+        for key, msg in cfg.errors():
+            _fail(origins, f"{prefix}{key}", msg)
+
+
+def mesh_model_errors(mesh: MeshConfig | dict, model: ModelConfig) -> list[tuple[str, str]]:
+    """Divisibility of the model by the mesh axes that shard it (axes given as -1 are skipped)."""
+    sizes = mesh if isinstance(mesh, dict) else dataclasses.asdict(mesh)
+    out = []
+    t, e, f = sizes["tensor"], sizes["expert"], sizes["fsdp"]
+    checks = []
+    if t > 1:
+        checks += [("model.n_heads", model.n_heads, t, "mesh.tensor"), ("model.vocab_size", model.vocab_size, t, "mesh.tensor"),
+                   ("model.d_ff", model.d_ff, t, "mesh.tensor")]
+        if not model.is_mla:
+            checks.append(("model.n_kv_heads", model.kv_heads, t, "mesh.tensor"))
+        if model.is_moe:
+            checks.append(("model.moe_d_ff", model.moe_d_ff, t, "mesh.tensor"))
+    if e > 1 and model.is_moe:
+        checks.append(("model.n_routed_experts", model.n_routed_experts, e, "mesh.expert"))
+    if f > 1:
+        checks.append(("model.d_model", model.d_model, f, "mesh.fsdp"))
+    for key, value, size, axis in checks:
+        if value % size:
+            out.append((axis, f"{axis.split('.')[1]}={size} does not divide {key}={value}"))
+    return out
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (for saving next to checkpoints and for printing)."""
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace that re-validates a ModelConfig."""
+    new = dataclasses.replace(cfg, **changes)
+    if hasattr(new, "errors"):
+        for key, msg in new.errors():
+            raise ConfigError(f"{key}: {msg}")
+    return new

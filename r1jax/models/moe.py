@@ -1,0 +1,199 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts, dropless, expert-parallel.
+
+Routing (float32):
+  s = sigmoid(x W_r) (V3) or softmax(x W_r) (V2)
+  choice = s + b                    b: aux-loss-free correction bias, used for *selection only*
+  group-limited: keep the topk_group groups with the best group score (V3: sum of the top-2
+  choice scores in the group; V2: the max), mask out the other groups' experts
+  top-k experts by choice; their gate weights come from the *unbiased* s, optionally normalised
+  to sum 1, then times routed_scaling_factor.
+
+Experts are computed without token dropping: the (token, expert) assignments are sorted by expert
+and multiplied with `jax.lax.ragged_dot` (a grouped matmul that touches each assignment once), then
+unsorted and summed with their gate weights. FLOPs are those of the k chosen experts per token; no
+dense one-hot over all experts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from r1jax.config import ModelConfig
+from r1jax.models.layers import DTYPES, MLP, RouterBias, param
+from r1jax.sharding import active_mesh, logical_to_spec, mesh_shape
+
+
+def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, cfg: ModelConfig):
+    """Expert choice for tokens x [T, d].
+
+    Returns (weights [T, k] float32, experts [T, k] int32, scores [T, E] float32).
+    """
+    logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32))  # [T, E]
+    scores = jax.nn.sigmoid(logits) if cfg.score_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    choice = scores + bias.astype(jnp.float32)
+    if cfg.n_group > 1:
+        t, e = choice.shape
+        grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
+        if cfg.group_score == "top2_sum":
+            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, G]
+        else:
+            group_score = grouped.max(-1)
+        _, top_groups = jax.lax.top_k(group_score, cfg.topk_group)
+        keep = jnp.zeros_like(group_score, jnp.bool_).at[jnp.arange(t)[:, None], top_groups].set(True)
+        choice = jnp.where(jnp.repeat(keep, e // cfg.n_group, axis=1), choice, -jnp.inf)
+    _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores
+
+
+def expert_load(experts: jax.Array, token_mask: jax.Array, n_experts: int) -> jax.Array:
+    """Assignments per expert [E] (float32) over the valid tokens. experts [..., k]; token_mask [...]."""
+    w = jnp.broadcast_to(token_mask[..., None], experts.shape).astype(jnp.float32)
+    return jnp.zeros((n_experts,), jnp.float32).at[experts.reshape(-1)].add(w.reshape(-1))
+
+
+def sequence_balance_loss(scores: jax.Array, experts: jax.Array, token_mask: jax.Array, k: int) -> jax.Array:
+    """Sequence-wise balance loss (DeepSeek-V3 eqs. 17-20), without the coefficient alpha.
+
+    Per sequence of T valid tokens: f_i = N_r / (K_r T) * #{t: i in TopK_t},
+    P_i = 1/T sum_t s_it / sum_j s_jt, loss = sum_i f_i P_i; averaged over sequences with tokens.
+    scores [B, S, E]; experts [B, S, k]; token_mask [B, S] bool.
+    """
+    n = scores.shape[-1]
+    m = token_mask.astype(jnp.float32)
+    t = jnp.maximum(m.sum(-1), 1.0)  # [B]
+    chosen = jnp.zeros(scores.shape, jnp.float32).at[
+        jnp.arange(scores.shape[0])[:, None, None], jnp.arange(scores.shape[1])[None, :, None], experts
+    ].set(1.0)
+    f = n / (k * t[:, None]) * jnp.einsum("bse,bs->be", chosen, m)
+    p = jnp.einsum("bse,bs->be", scores / scores.sum(-1, keepdims=True), m) / t[:, None]
+    per_seq = (f * p).sum(-1)
+    has = (m.sum(-1) > 0).astype(jnp.float32)
+    return (per_seq * has).sum() / jnp.maximum(has.sum(), 1.0)
+
+
+def routed_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   w_down: jax.Array, first_expert: jax.Array | int = 0) -> jax.Array:
+    """Dropless expert FFN for tokens x [T, d] with choices experts/weights [T, k].
+
+    w_gate, w_up [E_loc, d, f]; w_down [E_loc, f, d] hold experts first_expert .. first_expert+E_loc.
+    Assignments to other experts contribute zero (they sort after the local groups, beyond the
+    rows ragged_dot computes). Returns sum_k weight * FFN_expert(x), [T, d] in x.dtype.
+    """
+    t, k = experts.shape
+    e_loc = w_gate.shape[0]
+    local = experts.reshape(-1) - first_expert  # [T*k]
+    key = jnp.where((local >= 0) & (local < e_loc), local, e_loc)
+    order = jnp.argsort(key, stable=True)  # assignments grouped by local expert
+    group_sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
+    xs = x[order // k]  # [T*k, d]
+    dt = x.dtype
+    gate = jax.lax.ragged_dot(xs, w_gate.astype(dt), group_sizes)  # [T*k, f]
+    up = jax.lax.ragged_dot(xs, w_up.astype(dt), group_sizes)
+    ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dt), group_sizes)  # [T*k, d]
+    ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return ys[inverse].reshape(t, k, -1).sum(1).astype(dt)
+
+
+def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh):
+    """Expert-parallel routed experts over `mesh`; x [B, S, d], experts/weights [B, S, k].
+
+    Layout: tokens are sharded over (data, fsdp, expert); expert weights over experts -> expert,
+    d_model -> fsdp, hidden -> tensor. Per device, inside shard_map:
+
+      1. all-gather the expert weights' fsdp shards (ZeRO-3, one layer at a time);
+      2. all-gather the tokens (and their choices) over the `expert` axis, so each expert shard
+         sees every token of its expert-parallel group;
+      3. compute only the assignments that hit its local experts (dropless ragged_dot), with the
+         hidden dimension split over `tensor`;
+      4. psum over `tensor`, then reduce-scatter over `expert`: each device gets back the complete
+         sum over all k experts for its own tokens.
+
+    Communication per layer and device, with T local tokens, ep expert shards: (ep-1) T d in the
+    all-gather and (ep-1) T d in the reduce-scatter. An all-to-all dispatch would move about
+    k (ep-1)/ep T d each way, so this costs the same for ep <= k (DeepSeek-V3: k = 8) and keeps
+    no capacity factor or padding; for ep much larger than k a ragged all-to-all is cheaper.
+    """
+    ms = mesh_shape(mesh)
+    batch = logical_to_spec(("batch", None, None), ms, x.shape)
+    gate_spec = logical_to_spec(("experts", "embed", "mlp"), ms, w_gate.shape)
+    down_spec = logical_to_spec(("experts", "mlp", "embed"), ms, w_down.shape)
+
+    def axes_of(entry):
+        return () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+
+    expert_axes, fsdp_axes, tensor_axes = axes_of(gate_spec[0]), axes_of(gate_spec[1]), axes_of(gate_spec[2])
+    token_axes = axes_of(batch[0])
+    gather_axes = tuple(a for a in expert_axes if a in token_axes)  # tokens split over these: gather
+    sum_axes = tuple(a for a in expert_axes if a not in token_axes)  # tokens replicated: plain psum
+
+    def local(x, experts, weights, w_gate, w_up, w_down):
+        if fsdp_axes:
+            w_gate = jax.lax.all_gather(w_gate, fsdp_axes, axis=1, tiled=True)
+            w_up = jax.lax.all_gather(w_up, fsdp_axes, axis=1, tiled=True)
+            w_down = jax.lax.all_gather(w_down, fsdp_axes, axis=2, tiled=True)
+        if gather_axes:
+            x, experts, weights = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True) for a in (x, experts, weights))
+        b, s, d = x.shape
+        shard = 0
+        for ax in expert_axes:  # linear index of this device's expert shard
+            shard = shard * ms[ax] + jax.lax.axis_index(ax)
+        y = routed_experts(x.reshape(b * s, d), experts.reshape(b * s, -1), weights.reshape(b * s, -1),
+                           w_gate, w_up, w_down, first_expert=shard * w_gate.shape[0]).reshape(b, s, d)
+        if tensor_axes or sum_axes:
+            y = jax.lax.psum(y, tensor_axes + sum_axes)
+        if gather_axes:
+            y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
+        return y
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, gate_spec, gate_spec, down_spec),
+                         out_specs=batch, check_vma=False)(x, experts, weights, w_gate, w_up, w_down)
+
+
+class MoE(nnx.Module):
+    """Router + routed experts (+ shared experts). Returns (output, aux) with aux the expert load
+    counts [E] and the unweighted sequence-wise balance loss of this layer."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd, std = DTYPES[cfg.param_dtype], cfg.init_std
+        e, d, f = cfg.n_routed_experts, cfg.d_model, cfg.moe_d_ff
+        self.router = param(rngs, (d, e), ("embed", "router"), jnp.float32, std=std)
+        self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), axes=("router",))
+        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pd, std=std)
+        self.w_up = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pd, std=std)
+        self.w_down = param(rngs, (e, f, d), ("experts", "mlp", "embed"), pd, std=std)
+        if cfg.n_shared_experts:
+            self.shared = MLP(d, cfg.n_shared_experts * f, cfg, rngs)
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, dict]:
+        cfg = self.cfg
+        b, s, d = x.shape
+        weights, experts, scores = route(x.reshape(b * s, d), self.router[...], self.router_bias[...], cfg)
+        weights, experts = weights.reshape(b, s, -1), experts.reshape(b, s, -1)
+        mesh = active_mesh()
+        wg, wu, wd = self.w_gate[...], self.w_up[...], self.w_down[...]
+        if mesh is None:
+            y = routed_experts(x.reshape(b * s, d), experts.reshape(b * s, -1), weights.reshape(b * s, -1),
+                               wg, wu, wd).reshape(b, s, d)
+        else:
+            y = routed_experts_sharded(x, experts, weights, wg, wu, wd, mesh)
+        if cfg.n_shared_experts:
+            y = y + self.shared(x)
+        aux = {
+            "load": expert_load(experts, token_mask, cfg.n_routed_experts),
+            "balance_loss": sequence_balance_loss(scores.reshape(b, s, -1), experts, token_mask,
+                                                  cfg.num_experts_per_tok),
+        }
+        return y, aux
+
+
+def active_expert_fraction(cfg: ModelConfig) -> float:
+    """Share of routed-expert parameters a token uses: k / E."""
+    return cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.is_moe else 0.0
+

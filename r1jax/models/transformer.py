@@ -1,0 +1,206 @@
+"""The decoder: embedding -> first-k dense blocks -> MoE blocks -> norm -> head (+ MTP modules).
+
+One class covers DeepSeek-V3/R1, DeepSeek-V2(-Lite), Qwen2/2.5 and Llama 3 through ModelConfig.
+Blocks of one kind are stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile
+time does not grow with depth and the 61-layer 671B model traces like a 2-layer one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from r1jax.config import ModelConfig
+from r1jax.models.attention import GQAttention, MLAttention, attention_mask
+from r1jax.models.layers import DTYPES, MLP, RMSNorm, param, rope_cos_sin
+from r1jax.models.moe import MoE
+from r1jax.sharding import constrain, state_shardings
+
+
+def stack_modules(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """n independently initialised copies of make(rngs) as one module whose variables are stacked
+    on a new leading axis named `layers`.
+
+    Layers are created by a scan, not a vmap: under a jitted sharded init the temporaries of
+    random initialisation then live for one layer at a time instead of for the whole stack.
+    """
+    keys = jax.random.split(rngs.params(), n)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+    _, states = jax.lax.scan(lambda _, k: (None, nnx.split(make(nnx.Rngs(k)))[1]), None, keys)
+    module = nnx.merge(graphdef, states)
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Variable):
+            var.set_metadata(axes=("layers",) + tuple(var.get_metadata("axes")))
+    return module
+
+
+def scan_modules(stacked: nnx.Module, fn: Callable, carry: Any, xs: Any = None) -> tuple[Any, Any]:
+    """lax.scan of fn(module_i, carry, x_i) -> (carry, y_i) over a stack_modules() stack."""
+    graphdef, state = nnx.split(stacked)
+
+    def body(c, inputs):
+        layer_state, x = inputs
+        return fn(nnx.merge(graphdef, layer_state), c, x)
+
+    return jax.lax.scan(body, carry, (state, xs))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)); then x + ffn(norm(x)), ffn dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool, rngs: nnx.Rngs):
+        pd = DTYPES[cfg.param_dtype]
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs)
+        self.attn = MLAttention(cfg, rngs) if cfg.is_mla else GQAttention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs)
+        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg.d_model, cfg.d_ff, cfg, rngs)
+
+    def __call__(self, x: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        x = constrain(x, ("batch", "length", "act_embed"))
+        x = x + self.attn(self.attn_norm(x), ctx["cos"], ctx["sin"], ctx["mask"])
+        h = self.mlp_norm(x)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(h, ctx["token_mask"])
+        else:
+            y, aux = self.mlp(h), {}
+        return x + y, aux
+
+
+class MTPModule(nnx.Module):
+    """Multi-token prediction module k (DeepSeek-V3 section 2.2, eqs. 21-23).
+
+    h'_i = W [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] -> decoder block -> h^k_i; logits come from
+    the shared output head applied to RMSNorm_k(h^k_i). The concatenation order (embedding first)
+    is that of the released checkpoints (`eh_proj`), which reverses the order written in eq. 21.
+    h^0 is the main model's final normalised hidden state; h^k (k >= 1) is this module's normalised
+    output, so every depth sees the same kind of input.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = DTYPES[cfg.param_dtype]
+        self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs)
+        self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs)
+        self.eh_proj = param(rngs, (2 * cfg.d_model, cfg.d_model), ("embed", None), pd, std=cfg.init_std)
+        self.block = Block(cfg, moe=cfg.is_moe, rngs=rngs)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs)
+
+    def __call__(self, h_prev: jax.Array, emb_next: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        x = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)
+        h, aux = self.block(x @ self.eh_proj[...].astype(x.dtype), ctx)
+        return self.norm(h), aux
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = DTYPES[cfg.param_dtype]
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd, std=cfg.init_std)
+        if cfg.n_dense_layers:
+            self.dense_blocks = stack_modules(cfg.n_dense_layers, lambda r: Block(cfg, False, r), rngs)
+        if cfg.n_moe_layers:
+            self.moe_blocks = stack_modules(cfg.n_moe_layers, lambda r: Block(cfg, True, r), rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd, std=cfg.init_std)
+        if cfg.mtp_depth:
+            self.mtp = stack_modules(cfg.mtp_depth, lambda r: MTPModule(cfg, r), rngs)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """[B, S] int -> [B, S, d_model] in the compute dtype."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.dtype])
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Normalised hidden [..., d_model] -> float32 logits [..., vocab]."""
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab")) if logits.ndim == 3 else logits
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 *, with_mtp: bool = False, return_hidden: bool = False) -> tuple[jax.Array, dict]:
+        """Logits [B, S, vocab] (float32) and aux.
+
+        tokens [B, S] int; positions [B, S] (default 0..S-1); segment_ids [B, S] (default all 1;
+        0 marks padding, distinct ids mark packed documents). aux holds, for MoE models,
+        `moe_load` [L_moe, E] assignments per expert over valid tokens and `balance_loss` [L_moe]
+        (unweighted, V3 eq. 17); with `with_mtp`, `mtp_logits` [D, B, S, vocab] where depth k
+        (1-based) at position i predicts token i + 1 + k, and `mtp_load` / `mtp_balance_loss`;
+        with `return_hidden`, `hidden` [B, S, d_model], the final normalised hidden state.
+        """
+        cfg = self.cfg
+        b, s = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, s), jnp.int32)
+        cos, sin = rope_cos_sin(positions, cfg)
+        ctx = {"cos": cos, "sin": sin, "mask": attention_mask(segment_ids), "token_mask": segment_ids != 0}
+        block_fn = lambda blk, h, _: blk(h, ctx)  # noqa: E731
+        h = self.embed_tokens(tokens)
+        aux: dict = {}
+        if cfg.n_dense_layers:
+            h, _ = scan_modules(self.dense_blocks, block_fn, h)
+        if cfg.n_moe_layers:
+            h, moe_aux = scan_modules(self.moe_blocks, block_fn, h)
+            aux["moe_load"], aux["balance_loss"] = moe_aux["load"], moe_aux["balance_loss"]
+        h = self.final_norm(h)
+        logits = self.head(h)
+        if return_hidden:
+            aux["hidden"] = h
+        if with_mtp and cfg.mtp_depth:
+            aux.update(self._mtp(tokens, h, ctx))
+        return logits, aux
+
+    def _mtp(self, tokens: jax.Array, h: jax.Array, ctx: dict) -> dict:
+        d, (b, s) = self.cfg.mtp_depth, tokens.shape
+        # Depth k reads the token k places ahead; past the end it reads 0 (its target is past the end too).
+        shifted = jnp.stack([jnp.pad(tokens[:, k:], ((0, 0), (0, k))) for k in range(1, d + 1)])  # [D, B, S]
+        emb = jax.vmap(self.embed_tokens)(shifted)  # [D, B, S, d_model]
+
+        def step(module, h_prev, emb_k):
+            h_k, aux_k = module(h_prev, emb_k, ctx)
+            return h_k, (h_k, aux_k)
+
+        _, (hidden, mtp_aux) = scan_modules(self.mtp, step, h, emb)
+        out = {"mtp_logits": self.head(hidden.reshape(d * b, s, -1)).reshape(d, b, s, -1)}
+        if self.cfg.is_moe:
+            out["mtp_load"], out["mtp_balance_loss"] = mtp_aux["load"], mtp_aux["balance_loss"]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Functional entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: shapes, dtypes, logical axes; no memory."""
+    return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+
+
+def init_model(cfg: ModelConfig, rng: jax.Array, mesh=None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) with every parameter created directly in its sharding on `mesh`.
+
+    The init runs under jit with out_shardings, so no device ever holds an unsharded copy of a
+    parameter (the 671B preset included). Without a mesh it runs on the default device.
+    """
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+
+    def create(key):
+        return nnx.split(Transformer(cfg, nnx.Rngs(key)))[1]
+
+    if mesh is None:
+        return graphdef, jax.jit(create)(rng)
+    with jax.set_mesh(mesh):
+        state = jax.jit(create, out_shardings=state_shardings(abstract_state, mesh))(rng)
+    return graphdef, state
+
+
+def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions=None, segment_ids=None,
+            with_mtp: bool = False, return_hidden: bool = False) -> tuple[jax.Array, dict]:
+    """Pure forward for jit: merge the model from its state and run it."""
+    return nnx.merge(graphdef, state)(tokens, positions, segment_ids, with_mtp=with_mtp, return_hidden=return_hidden)

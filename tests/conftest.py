@@ -1,0 +1,24 @@
+"""Test setup: 8 fake CPU devices for the sharding tests (must precede the first jax import)."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="session")
+def devices8():
+    devs = jax.devices()
+    if len(devs) < 8:
+        pytest.fail(f"sharding tests need 8 devices; XLA_FLAGS gave {len(devs)} (was jax imported before conftest?)")
+    return devs[:8]
