@@ -81,3 +81,26 @@ def test_golden_matches_installed_transformers(name):
     ref = R.hf_logits_from_dir(GOLDEN / name, io["input_ids"], io["attention_mask"])
     valid = io["attention_mask"].astype(bool)
     assert np.abs(ref - io["logits"])[valid].max() <= 1e-5
+
+
+@live
+@pytest.mark.reference
+@pytest.mark.parametrize("preset", ["tiny_v3", "tiny_v2", "tiny_qwen2", "tiny_llama3"])
+def test_transformers_loads_our_export(preset, tmp_path):
+    """r1jax -> HF: transformers reads the exported config.json + safetensors and computes our logits."""
+    import jax
+
+    from conftest import CONFIGS
+    from r1jax.config import load_config
+    from r1jax.convert import save_hf
+    from r1jax.models import init_model
+
+    cfg = load_config(CONFIGS / "models" / f"{preset}.yaml", ["model.mtp_depth=0"] if preset == "tiny_v3" else []).model
+    graphdef, state = init_model(cfg, jax.random.key(11))
+    state = jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x, state)  # larger weights: decisive routing
+    save_hf(state, cfg, tmp_path / "hf", dtype="float32")
+    ids, mask = R.sample_batch(cfg.vocab_size, seed=12)
+    ours, _ = forward(graphdef, state, ids, segment_ids=mask)
+    ref = R.hf_logits_from_dir(tmp_path / "hf", ids, mask)
+    err = np.abs(np.asarray(ours) - ref)[mask.astype(bool)].max()
+    assert err <= TOL, f"{preset}: max |dlogits| {err:.2e}"

@@ -221,6 +221,9 @@ def model_config_from_hf(hf: dict, param_dtype: str | None = None, dtype: str | 
     if family.startswith("deepseek"):
         if hf.get("attention_bias"):
             raise ConfigError("HF config: attention_bias=true is not supported for DeepSeek models")
+        if hf.get("moe_layer_freq", 1) != 1:
+            raise ConfigError(f"HF config: moe_layer_freq={hf['moe_layer_freq']} is not supported (every layer "
+                              "after first_k_dense_replace is MoE)")
         v3 = family == "deepseek_v3"
         method = hf.get("topk_method", "noaux_tc" if v3 else "greedy")
         grouped = method in ("noaux_tc", "group_limited_greedy")
@@ -247,8 +250,11 @@ def model_config_from_hf(hf: dict, param_dtype: str | None = None, dtype: str | 
             raise ConfigError("HF config: use_sliding_window=true is not supported")
         if family == "llama3" and (hf.get("attention_bias") or hf.get("mlp_bias")):
             raise ConfigError("HF config: Llama with attention_bias/mlp_bias is not supported")
+        head_dim = hf.get("head_dim") or 0
+        if head_dim == hf["hidden_size"] // hf["num_attention_heads"]:
+            head_dim = 0  # the default; keeps configs canonical
         m.update({"n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                  "head_dim": hf.get("head_dim") or 0, "qkv_bias": family == "qwen2"})
+                  "head_dim": head_dim, "qkv_bias": family == "qwen2"})
     return build(ModelConfig, m, {}, "model.")
 
 
