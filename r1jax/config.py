@@ -468,12 +468,3 @@ def mesh_model_errors(mesh: MeshConfig | dict, model: ModelConfig) -> list[tuple
 def to_dict(cfg) -> dict:
     """Plain nested dict (for saving next to checkpoints and for printing)."""
     return dataclasses.asdict(cfg)
-
-
-def replace(cfg, **changes):
-    """dataclasses.replace that re-validates a ModelConfig."""
-    new = dataclasses.replace(cfg, **changes)
-    if hasattr(new, "errors"):
-        for key, msg in new.errors():
-            raise ConfigError(f"{key}: {msg}")
-    return new

@@ -58,12 +58,10 @@ class Entry:
 
     def names(self) -> list[tuple[tuple[int, ...], str]]:
         """[(index into the leading axes, HF name)] for every HF tensor of this entry."""
-        out = []
-        for li, layer in enumerate(self.layers or [None]):
-            for e in range(self.experts or 1):
-                idx = tuple(i for i, keep in ((li, self.layers is not None), (e, self.experts > 0)) if keep)
-                out.append((idx, self.hf.format(layer=layer, expert=e)))
-        return out
+        layers = list(enumerate(self.layers)) if self.layers is not None else [(None, None)]
+        experts = range(self.experts) if self.experts else [None]
+        return [(tuple(i for i in (li, e) if i is not None), self.hf.format(layer=layer, expert=e))
+                for li, layer in layers for e in experts]
 
     def hf_shape(self, inner: Sequence[int]) -> tuple[int, ...]:
         if self.kind == "linear":

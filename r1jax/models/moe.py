@@ -192,8 +192,3 @@ class MoE(nnx.Module):
         }
         return y, aux
 
-
-def active_expert_fraction(cfg: ModelConfig) -> float:
-    """Share of routed-expert parameters a token uses: k / E."""
-    return cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.is_moe else 0.0
-
