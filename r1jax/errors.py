@@ -7,4 +7,8 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the model; the message names it."""
 
 
-__all__ = ["CheckpointError", "ConfigError"]
+class DataError(ValueError):
+    """A dataset that is missing or malformed; the message names the file and line."""
+
+
+__all__ = ["CheckpointError", "ConfigError", "DataError"]
