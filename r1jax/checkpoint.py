@@ -1,18 +1,26 @@
-"""Orbax checkpoints of model parameters, with the resolved model config beside them.
+"""Orbax checkpoints: training runs (RunCheckpointer) and plain model params (save/restore_params).
 
-Layout of a params checkpoint directory:
+A run directory (checkpoint.dir) holds one Orbax step directory per saved step:
+    <run>/<step>/state      the TrainState (step, params, optimizer state, router biases)
+    <run>/<step>/data       every loader shard's iterator state (JSON)
+    <run>/<step>/config     the resolved run config (JSON)
+    <run>/<step>/tokenizer  the tokenizer files (JSON, base64), so a stage hands its tokenizer on
+Saves are asynchronous, every N steps, keeping the last K; a step that exists is never written
+again. Restores go straight into the shardings of the current mesh (resharding on the way), and a
+config or checkpoint that does not fit fails naming the field, touching nothing on disk.
+
+A params checkpoint directory (conversion output, stage hand-off):
     config.yaml   the resolved model config (`model:` section), enough to rebuild the model
     state/        Orbax StandardCheckpointer tree of the model state (params + router biases)
-
-Restores onto any mesh: arrays are read directly into the target shardings. A checkpoint whose
-shapes do not fit the requested config fails naming the field and both shapes. Existing
-checkpoints are never overwritten.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -20,7 +28,7 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
-from r1jax.config import ModelConfig, build, to_dict
+from r1jax.config import Config, ConfigError, ModelConfig, build, to_dict
 from r1jax.errors import CheckpointError
 from r1jax.models.transformer import abstract_model
 from r1jax.sharding import state_shardings
@@ -106,5 +114,110 @@ def _flat(tree) -> list:
     return out
 
 
-__all__ = ["save_params", "restore_params", "load_model_config"]
+# --------------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------------
+
+# Config fields a run may change when it resumes (everything else must match the checkpoint).
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "mesh.", "checkpoint.", "distributed.", "data.worker_count",
+                     "name")
+
+
+def _dotted(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for fields that must not change across a resume."""
+    now = _dotted(json.loads(json.dumps(to_dict(cfg))))
+    old = _dotted(saved)
+    out = []
+    for key in sorted(set(now) | set(old)):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
+            continue
+        if now.get(key) != old.get(key):
+            out.append((key, old.get(key), now.get(key)))
+    return out
+
+
+class RunCheckpointer:
+    """Orbax CheckpointManager over a run directory (see the module docstring)."""
+
+    ITEMS = ("state", "data", "config", "tokenizer")
+
+    def __init__(self, directory: str | Path, every: int, keep: int, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def saved_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def check_resumable(self, cfg: Config, step: int | None = None) -> None:
+        """Raise naming the first field that differs from the checkpoint's config (nothing is touched)."""
+        diffs = config_differences(self.saved_config(step), cfg)
+        if diffs:
+            key, old, new = diffs[0]
+            more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:4])})" if len(diffs) > 1 else ""
+            raise ConfigError(f"{key}: is {new!r} but the checkpoint in {self.directory} was made with {old!r}; "
+                              f"resume with the same value or use a new checkpoint.dir{more}")
+
+    def save(self, step: int, state, data_state: dict, cfg: Config, tokenizer_files: dict[str, bytes],
+             force: bool = False) -> bool:
+        """Start saving `step` (async). Returns whether a save started (interval policy, or force)."""
+        if step in self.manager.all_steps():
+            return False  # never rewrite a finished checkpoint
+        tok = {name: base64.b64encode(data).decode() for name, data in tokenizer_files.items()}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  config=ocp.args.JsonSave(json.loads(json.dumps(to_dict(cfg)))),
+                                  tokenizer=ocp.args.JsonSave(tok))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, target) -> tuple[Any, dict, dict[str, bytes]]:
+        """(state, data state, tokenizer files) of `step`; `target` is the abstract TrainState with
+        shardings (its leaves' shardings decide where the arrays land)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+                                  tokenizer=ocp.args.JsonRestore())
+        try:
+            out = self.manager.restore(step, args=args)
+        except ValueError as e:  # orbax reports tree/shape mismatches as ValueError
+            raise CheckpointError(f"{self.directory}/{step}: the saved train state does not fit this config: "
+                                  f"{str(e).splitlines()[0]}") from None
+        files = {name: base64.b64decode(data) for name, data in (out.tokenizer or {}).items()}
+        return out.state, out.data, files
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def find_stage_checkpoint(path: str | Path) -> tuple[Path, int | None]:
+    """A run directory (latest step) or a params checkpoint: (directory, step or None)."""
+    path = Path(path).absolute()
+    if (path / "config.yaml").is_file():
+        return path, None
+    if path.is_dir():
+        steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+        if steps:
+            return path, steps[-1]
+    raise CheckpointError(f"{path}: no r1jax checkpoint here (neither a run directory with steps nor a params "
+                          f"checkpoint with config.yaml)")
+
+
+__all__ = ["RunCheckpointer", "config_differences", "find_stage_checkpoint", "load_model_config", "restore_params",
+           "save_params"]
 

@@ -104,6 +104,9 @@ class ModelConfig:
     init_std: float = 0.02
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # rematerialisation of each scanned block in the backward pass: none (keep activations),
+    # full (recompute the block), dots (keep matmul outputs, recompute the rest)
+    remat: Literal["none", "full", "dots"] = "none"
 
     # ---- derived ----
     @property
@@ -223,11 +226,137 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup then cosine / linear decay (or constant), global-norm clipping."""
+
+    lr: float = 3e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.1  # the decayed lr at train.steps, as a fraction of lr
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms: bool = False  # apply weight decay to norm scales too
+    decay_biases: bool = False
+    decay_embeddings: bool = False  # the input embedding table (and the head when tied)
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+    def errors(self) -> list[tuple[str, str]]:
+        out = []
+        if self.lr < 0:
+            out.append(("lr", f"must be >= 0, got {self.lr}"))
+        if self.warmup_steps < 0:
+            out.append(("warmup_steps", "must be >= 0"))
+        if not 0 <= self.final_lr_ratio <= 1:
+            out.append(("final_lr_ratio", f"must be in [0, 1], got {self.final_lr_ratio}"))
+        if self.grad_clip < 0:
+            out.append(("grad_clip", "must be >= 0 (0 disables clipping)"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global rows (packed sequences) per optimizer step
+    seq_len: int = 512
+    grad_accum: int = 1  # microbatches per step; batch_size must divide by it
+    seed: int = 0
+    balance_loss_coef: float = 1e-4  # alpha of the sequence-wise balance loss (V3 section 2.1.2)
+    bias_update_speed: float = 1e-3  # gamma of the aux-loss-free balancer (V3 section 2.1.2)
+    mtp: bool = True  # add the MTP loss (weight model.mtp_loss_weight) when the model has MTP modules
+    log_every: int = 10
+
+    def errors(self) -> list[tuple[str, str]]:
+        out = []
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        if self.grad_accum > 0 and self.batch_size % self.grad_accum:
+            out.append(("grad_accum", f"{self.grad_accum} does not divide batch_size={self.batch_size}"))
+        if self.balance_loss_coef < 0 or self.bias_update_speed < 0:
+            out.append(("balance_loss_coef" if self.balance_loss_coef < 0 else "bias_update_speed", "must be >= 0"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = ""  # the run directory; "" keeps no checkpoints
+    every: int = 100  # save every N steps (and at the end, and on SIGTERM)
+    keep: int = 3  # keep the last K
+    async_save: bool = True
+    init_from: str = ""  # start from the params of this earlier stage's checkpoint (run dir or step dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    path: str = ""  # an existing tokenizer: .model, tokenizer.json, or a directory holding one
+    train_vocab_size: int = 0  # > 0: train a sentencepiece model on the training data at the start
+    train_examples: int = 20000  # how many training examples to train it on
+
+    def errors(self) -> list[tuple[str, str]]:
+        if not self.path and self.train_vocab_size <= 0:
+            return [("path", "set tokenizer.path or tokenizer.train_vocab_size")]
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: Literal["arithmetic", "countdown", "jsonl", "gsm8k", "math500", "aime2024", "tfds"] = "arithmetic"
+    path: str = ""  # jsonl: the file; tfds: the data_dir
+    name: str = ""  # tfds: the builder name
+    split: str = "train"
+    eval_split: str = "test"
+    template: Literal["r1_zero", "r1"] = "r1_zero"
+    pack: bool = True  # first-fit packing of several examples per row (segment ids keep them apart)
+    packing_bins: int = 16
+    shuffle: bool = True
+    seed: int = 0
+    size: int = 1_000_000  # procedural tasks: examples per epoch
+    min_digits: int = 3  # arithmetic
+    max_digits: int = 3
+    ops: tuple[str, ...] = ("+",)
+    n_numbers: int = 4  # countdown
+    num_shards: int = 0  # loader shards composing the global batch; 0: one per process
+    worker_count: int = 0  # grain worker processes per loader shard
+
+    def errors(self) -> list[tuple[str, str]]:
+        out = []
+        if self.source in ("jsonl", "tfds") and not self.path:
+            out.append(("path", f"source {self.source} needs data.path"))
+        if self.source == "tfds" and not self.name:
+            out.append(("name", "source tfds needs data.name"))
+        if self.min_digits < 1 or self.max_digits < self.min_digits:
+            out.append(("max_digits", f"need 1 <= min_digits <= max_digits, got {self.min_digits}..{self.max_digits}"))
+        bad = [o for o in self.ops if o not in ("+", "-", "*")]
+        if bad:
+            out.append(("ops", f"unknown operations {bad} (known: + - *)"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process (multi-host) runtime; empty fields come from the environment (see r1jax.distributed)."""
+
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+    heartbeat_timeout: int = 30  # seconds after which a silent peer counts as dead
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """A whole run. Later stages (training, sampling, pipeline) add their sections here."""
+    """A whole run: the model, the mesh, and (for training stages) what and how to train."""
 
     model: ModelConfig
     mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
     name: str = ""
 
 
@@ -419,6 +548,11 @@ def _coerce(t, value, origins, key):
             _fail(origins, key, f"expected an integer, got {value!r}")
         return value
     if t is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(origins, key, f"expected a number, got {value!r}")
         return float(value)
@@ -437,6 +571,9 @@ def _validate(cfg, origins, prefix):
             _fail(origins, f"mesh.{key}", msg)
         for key, msg in mesh_model_errors(cfg.mesh, cfg.model):
             _fail(origins, key, msg)
+        for section in ("train", "optimizer", "data"):
+            for key, msg in getattr(cfg, section).errors():
+                _fail(origins, f"{section}.{key}", msg)
     elif hasattr(cfg, "errors"):
         for key, msg in cfg.errors():
             _fail(origins, f"{prefix}{key}", msg)

@@ -40,6 +40,13 @@ def test_unknown_override_names_command_line():
         load_config(CONFIGS / "models" / "tiny_v3.yaml", ["model.n_layer=3"])
 
 
+def test_scientific_notation_floats():
+    cfg = load_config(CONFIGS / "models" / "tiny_v3.yaml", ["optimizer.lr=1e-3", "train.bias_update_speed=5E-4"])
+    assert cfg.optimizer.lr == 1e-3 and cfg.train.bias_update_speed == 5e-4
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: expected a number, got 'fast'"):
+        load_config(CONFIGS / "models" / "tiny_v3.yaml", ["optimizer.lr=fast"])
+
+
 def test_wrong_type(tmp_path):
     p = write(tmp_path, "t.yaml", f"base: {CONFIGS / 'models' / 'tiny_v3.yaml'}\nmodel: {{n_heads: four}}\n")
     with pytest.raises(ConfigError, match=r"t\.yaml: model\.n_heads: expected an integer, got 'four'"):

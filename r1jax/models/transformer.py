@@ -38,14 +38,23 @@ def stack_modules(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs
     return module
 
 
-def scan_modules(stacked: nnx.Module, fn: Callable, carry: Any, xs: Any = None) -> tuple[Any, Any]:
-    """lax.scan of fn(module_i, carry, x_i) -> (carry, y_i) over a stack_modules() stack."""
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def scan_modules(stacked: nnx.Module, fn: Callable, carry: Any, xs: Any = None, remat: str = "none") -> tuple[Any, Any]:
+    """lax.scan of fn(module_i, carry, x_i) -> (carry, y_i) over a stack_modules() stack, each
+    step rematerialised in the backward pass under `remat` (none | full | dots)."""
     graphdef, state = nnx.split(stacked)
 
     def body(c, inputs):
         layer_state, x = inputs
         return fn(nnx.merge(graphdef, layer_state), c, x)
 
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(body, carry, (state, xs))
 
 
@@ -143,9 +152,9 @@ class Transformer(nnx.Module):
         h = self.embed_tokens(tokens)
         aux: dict = {}
         if cfg.n_dense_layers:
-            h, _ = scan_modules(self.dense_blocks, block_fn, h)
+            h, _ = scan_modules(self.dense_blocks, block_fn, h, remat=cfg.remat)
         if cfg.n_moe_layers:
-            h, moe_aux = scan_modules(self.moe_blocks, block_fn, h)
+            h, moe_aux = scan_modules(self.moe_blocks, block_fn, h, remat=cfg.remat)
             aux["moe_load"], aux["balance_loss"] = moe_aux["load"], moe_aux["balance_loss"]
         h = self.final_norm(h)
         logits = self.head(h)
@@ -165,7 +174,7 @@ class Transformer(nnx.Module):
             h_k, aux_k = module(h_prev, emb_k, ctx)
             return h_k, (h_k, aux_k)
 
-        _, (hidden, mtp_aux) = scan_modules(self.mtp, step, h, emb)
+        _, (hidden, mtp_aux) = scan_modules(self.mtp, step, h, emb, remat=self.cfg.remat)
         out = {"mtp_logits": self.head(hidden.reshape(d * b, s, -1)).reshape(d, b, s, -1)}
         if self.cfg.is_moe:
             out["mtp_load"], out["mtp_balance_loss"] = mtp_aux["load"], mtp_aux["balance_loss"]
