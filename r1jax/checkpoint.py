@@ -119,8 +119,8 @@ def _flat(tree) -> list:
 # --------------------------------------------------------------------------------------------------
 
 # Config fields a run may change when it resumes (everything else must match the checkpoint).
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "mesh.", "checkpoint.", "distributed.", "data.worker_count",
-                     "name")
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_", "mesh.", "checkpoint.", "distributed.",
+                     "data.worker_count", "name")
 
 
 def _dotted(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -139,7 +139,7 @@ def config_differences(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
     old = _dotted(saved)
     out = []
     for key in sorted(set(now) | set(old)):
-        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
+        if any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in RESUMABLE_CHANGES):
             continue
         if now.get(key) != old.get(key):
             out.append((key, old.get(key), now.get(key)))

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from r1jax.config import Config, ConfigError, load_config, mesh_model_errors
-from r1jax.errors import CheckpointError
+from r1jax.errors import CheckpointError, DataError
+from r1jax.train.loop import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("deepseek_v3", "deepseek_v2_lite", "qwen2.5-1.5b", "qwen2.5-7b", "llama3.1-8b")
@@ -120,6 +121,28 @@ def cmd_demo(args) -> None:
 
 
 
+def cmd_sft(args) -> None:
+    from r1jax.train.sft import run_sft
+
+    cfg = load_config(args.config, args.overrides)
+    out = run_sft(cfg)
+    import jax
+
+    if jax.process_index() == 0:
+        last = out["last"]
+        print(f"sft {cfg.name or args.config}: {out['how']} -> step {out['step']} ({out['stop']}); "
+              f"loss {last.get('loss', float('nan')):.4f}")
+        for ev in out["evals"]:
+            if "accuracy" in ev:
+                print(f"held-out exact match at step {ev['step']}: {ev['accuracy']:.1%} of {ev['n']}")
+    if out["stop"] == "preempted":
+        raise SystemExit(EXIT_PREEMPTED)
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early on request, a checkpoint holds the progress
+EXIT_DIVERGED = 3
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="r1jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -141,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-shard-gb", type=float, default=5.0)
     c.set_defaults(fn=cmd_convert)
 
+    t = sub.add_parser("sft", help="supervised fine-tuning stage (resumes from checkpoint.dir)")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    t.set_defaults(fn=cmd_sft)
+
     d = sub.add_parser("demo", help="the main job: preset summaries and a tiny MoE on this machine")
     d.add_argument("overrides", nargs="*")
     d.add_argument("--workdir", default="runs")
@@ -153,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(getattr(args, "overrides", [])) + extra  # key=value anywhere on the line
     try:
         args.fn(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 

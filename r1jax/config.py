@@ -266,6 +266,9 @@ class TrainConfig:
     bias_update_speed: float = 1e-3  # gamma of the aux-loss-free balancer (V3 section 2.1.2)
     mtp: bool = True  # add the MTP loss (weight model.mtp_loss_weight) when the model has MTP modules
     log_every: int = 10
+    eval_every: int = 0  # held-out greedy evaluation every N steps (and always at the end); 0: end only
+    eval_examples: int = 256
+    eval_max_new_tokens: int = 64
 
     def errors(self) -> list[tuple[str, str]]:
         out = []

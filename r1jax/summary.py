@@ -104,3 +104,29 @@ def summarize(cfg: Config, mesh_sizes: dict[str, int] | None = None, shapes: boo
                  f"{_gib(adam)} (float32); router biases {_gib(other)}; total {_gib(2 * p_dev + adam + other)} "
                  f"before activations")
     return "\n".join(lines)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, with_mtp: bool = False) -> float:
+    """Training FLOPs per token: 6 x matmul parameters a token uses (routed experts k of E, no
+    embedding lookup) + attention scores and mixing counted once for causal masking, forward x 3.
+
+    Attention per layer and token (forward): 2 * heads * (d_qk + d_v) * mean context, with mean
+    context (seq_len + 1) / 2 for a full causal row.
+    """
+    c = count_params(cfg)
+    params = c.active
+    layers = cfg.n_layers
+    if with_mtp and cfg.mtp_depth:
+        mtp_active = c.mtp
+        if cfg.is_moe:  # each MTP block is an MoE layer: its routed experts count k of E too
+            per_expert = 3 * cfg.d_model * cfg.moe_d_ff
+            mtp_active -= cfg.mtp_depth * per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+        head = cfg.vocab_size * cfg.d_model
+        params += mtp_active + cfg.mtp_depth * head
+        layers += cfg.mtp_depth
+    if cfg.is_mla:
+        dqk, dv = cfg.qk_head_dim, cfg.v_head_dim
+    else:
+        dqk = dv = cfg.gqa_head_dim
+    attn = 2 * cfg.n_heads * (dqk + dv) * (seq_len + 1) / 2 * layers
+    return 6.0 * params + 3.0 * attn

@@ -125,3 +125,64 @@ def sft_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContext
         metrics["mtp_loss"] = jnp.mean(totals["mtp_sum"] / norm["mtp_tokens"])
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias)
     return new_state, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage driver: `r1jax sft CONFIG`
+# --------------------------------------------------------------------------------------------------
+
+
+def answer_checker(cfg):
+    """check(record, completion) -> bool for the held-out evaluation of data source `cfg.source`."""
+    from r1jax.data import procedural
+    from r1jax.evaluate import exact_match, extract_answer
+
+    if cfg.source == "arithmetic":
+        return lambda rec, text: procedural.check_arithmetic(rec["answer"], extract_answer(text) or "")
+    if cfg.source == "countdown":
+        return lambda rec, text: procedural.check_countdown(rec["numbers"], rec["target"], extract_answer(text) or "")
+    return lambda rec, text: exact_match(rec["answer"], text)
+
+
+def run_sft(cfg) -> dict:
+    """Run (or resume) an SFT stage. Returns {"step", "stop", "last", "evals", "history", "how"}."""
+    import functools
+
+    from r1jax.data.pipeline import GlobalBatchLoader, heldout, make_source
+    from r1jax.evaluate import greedy_accuracy
+    from r1jax.sharding import batch_sharding
+    from r1jax.summary import train_flops_per_token
+    from r1jax.train.loop import run_loop
+    from r1jax.train.stage import start_stage
+    from r1jax.train.state import train_state_shardings
+
+    source = make_source(cfg.data, cfg.data.split)
+    start = start_stage(cfg, source)
+    ctx, mesh, tok = start.ctx, start.mesh, start.tokenizer
+    loader = GlobalBatchLoader(source, tok, cfg.data, cfg.train.batch_size, cfg.train.seq_len, batch_sharding(mesh))
+    if start.data_state is not None:
+        loader.restore(start.data_state)
+    shardings = train_state_shardings(ctx, mesh)
+    step_fn = jax.jit(functools.partial(sft_step, ctx=ctx), donate_argnums=0,
+                      in_shardings=(shardings, batch_sharding(mesh), None), out_shardings=(shardings, None))
+    records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
+    check = answer_checker(cfg.data)
+
+    def eval_fn(state):
+        if not records:
+            return {}
+        model_state = nnx.merge_state(state.params, state.router_bias)
+        with jax.set_mesh(mesh):
+            out = greedy_accuracy(ctx.graphdef, model_state, tok, cfg.data.template, records,
+                                  cfg.train.eval_max_new_tokens, check=check)
+        return {"accuracy": float(out["accuracy"]), "n": out["n"], "samples": out["samples"]}
+
+    flops = train_flops_per_token(cfg.model, cfg.train.seq_len, with_mtp=cfg.train.mtp)
+    with jax.set_mesh(mesh):
+        state, result = run_loop(cfg, step_fn, start.state, loader, data_state=loader.state,
+                                 checkpointer=start.checkpointer, tokenizer_files=tok.files(), flops_per_token=flops,
+                                 eval_fn=eval_fn, eval_every=cfg.train.eval_every)
+    if start.checkpointer is not None:
+        start.checkpointer.close()
+    return {"step": result.step, "stop": result.stop, "last": result.last, "evals": result.evals,
+            "history": result.history, "how": start.how, "state": state, "tokenizer": tok, "ctx": ctx}

@@ -1,0 +1,54 @@
+"""Evaluation: greedy exact match on held-out problems (pass@k and cons@k arrive with the pipeline)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from r1jax.sampling import greedy_generate_recompute, pad_prompts
+from r1jax.tokenizer import Tokenizer, encode_prompt
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text inside the last <answer>...</answer>, stripped; None if there is none."""
+    found = _ANSWER.findall(completion)
+    return found[-1].strip() if found else None
+
+
+def exact_match(expected: str, completion: str) -> bool:
+    got = extract_answer(completion)
+    return got is not None and got == expected.strip()
+
+
+def greedy_accuracy(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer, template: str,
+                    records: list[dict], max_new_tokens: int, batch_size: int = 128,
+                    check: Callable[[dict, str], bool] | None = None) -> dict:
+    """Greedy-decode each record's prompt; score with `check(record, completion)` (default: exact
+    match of the <answer> against record["answer"]). Returns accuracy, count and a few samples."""
+    check = check or (lambda rec, text: exact_match(rec["answer"], text))
+    prompts = [encode_prompt(tokenizer, template, r["question"]) for r in records]
+    total = max(len(p) for p in prompts) + max_new_tokens
+    correct, samples = 0, []
+    for start in range(0, len(records), batch_size):
+        chunk = prompts[start:start + batch_size]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch_size - n)  # fixed shapes: one compilation
+        toks, lens = pad_prompts(chunk, total, tokenizer.pad_id)
+        out, new_lens = jax.device_get(greedy_generate_recompute(graphdef, state, toks, lens, tokenizer.eos_id,
+                                                                 max_new_tokens))
+        for i in range(n):
+            rec = records[start + i]
+            text = tokenizer.decode(out[i, lens[i]:new_lens[i]].tolist(), skip_special=True)
+            ok = bool(check(rec, text))
+            correct += ok
+            if len(samples) < 3:
+                samples.append({"question": rec["question"], "completion": text, "answer": rec["answer"], "correct": ok})
+    return {"accuracy": correct / max(len(records), 1), "n": len(records), "samples": samples}
+
+
+

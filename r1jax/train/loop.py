@@ -1,0 +1,207 @@
+"""The stage loop shared by SFT, GRPO and distillation.
+
+data -> jitted step (donated state, explicit shardings) -> metrics -> checkpoints, with:
+  - a progress line (loss, tokens/s, MFU, ETA), a JSONL metrics file and TensorBoard scalars
+    (process 0 only);
+  - SIGTERM / first Ctrl-C (TPU preemption, scheduler kill): finish the current step, save a
+    checkpoint at it, wait for the write, and return with stop="preempted";
+  - a non-finite loss: stop before anything is saved from the bad step, wait for the last good
+    checkpoint to be complete, and raise TrainingDiverged naming the step and that checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from r1jax.checkpoint import RunCheckpointer
+from r1jax.config import Config
+
+# Dense bf16 peak FLOP/s per chip by device kind (datasheets); CPU has none, so no MFU there.
+PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("B200", 2250e12), ("TPU v6", 918e12),
+              ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v4", 275e12))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+def peak_flops_per_device() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((f for name, f in PEAK_FLOPS if name.lower() in kind.lower()), None)
+
+
+@dataclass
+class LoopResult:
+    step: int
+    stop: str  # "done" | "preempted"
+    last: dict = field(default_factory=dict)  # metrics of the last step
+    history: list[dict] = field(default_factory=list)  # one entry per logged step
+    evals: list[dict] = field(default_factory=list)
+
+
+class Preemption:
+    """Catches SIGTERM (and the first SIGINT) and reports it, agreed across processes."""
+
+    def __init__(self):
+        self.flag = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.flag = True
+            if signum == signal.SIGINT:  # a second Ctrl-C interrupts for real
+                signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
+
+
+class MetricsLog:
+    """Progress line on stderr + metrics.jsonl + TensorBoard under `run_dir` (process 0 only)."""
+
+    def __init__(self, run_dir: str | None, total_steps: int, flops_per_token: float):
+        self.active = jax.process_index() == 0
+        self.total, self.flops_per_token = total_steps, flops_per_token
+        self.peak = peak_flops_per_device()
+        self.tty = sys.stderr.isatty()
+        self.jsonl = self.tb = None
+        if self.active and run_dir:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except ImportError:  # optional at run time
+                self.tb = None
+        self._t0 = time.perf_counter()
+        self._steps0: int | None = None
+
+    def throughput(self, step_tokens: int, seconds: float) -> dict:
+        tps = step_tokens / max(seconds, 1e-9)
+        out = {"tokens_per_s": tps}
+        if self.peak and self.flops_per_token:
+            out["mfu"] = tps * self.flops_per_token / (self.peak * jax.device_count())
+        return out
+
+    def write(self, step: int, metrics: dict, print_line: bool) -> None:
+        if not self.active:
+            return
+        if self._steps0 is None:
+            self._steps0 = step - 1
+        done = step - self._steps0
+        eta = (time.perf_counter() - self._t0) / max(done, 1) * (self.total - step)
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, float(v), step)
+        if print_line or self.tty:
+            mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+            line = (f"step {step}/{self.total} loss {metrics.get('loss', float('nan')):.4f} "
+                    f"{metrics.get('tokens_per_s', 0):,.0f} tok/s{mfu} eta {_hms(eta)}")
+            print(("\r" + line) if self.tty else line, end="" if self.tty and not print_line else "\n",
+                  file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.active:
+            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_loop(cfg: Config, step_fn: Callable, state, batches: Iterator[dict], *, data_state: Callable[[], dict],
+             checkpointer: RunCheckpointer | None, tokenizer_files: dict[str, bytes], flops_per_token: float,
+             eval_fn: Callable | None = None, eval_every: int = 0) -> tuple[object, LoopResult]:
+    """Train from state.step to cfg.train.steps. Returns (final state, LoopResult)."""
+    t = cfg.train
+    step = int(jax.device_get(state.step))
+    rng = jax.random.key(t.seed)
+    log = MetricsLog(cfg.checkpoint.dir or None, t.steps, flops_per_token)
+    result = LoopResult(step=step, stop="done")
+
+    def save(force: bool) -> None:
+        if checkpointer is not None:
+            checkpointer.save(step, state, data_state(), cfg, tokenizer_files, force=force)
+
+    def evaluate() -> None:
+        if eval_fn is not None:
+            ev = dict(eval_fn(state), step=step)
+            result.evals.append(ev)
+            log.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()
+                                                              if isinstance(v, float)))
+
+    try:
+        with Preemption() as preempt:
+            while step < t.steps:
+                t0 = time.perf_counter()
+                batch = next(batches)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step += 1
+                if not math.isfinite(metrics["loss"]):
+                    last = None
+                    if checkpointer is not None:
+                        checkpointer.wait()
+                        last = checkpointer.latest_step()
+                    where = f"the last good checkpoint, step {last}, in {checkpointer.directory} is intact" \
+                        if last is not None else "no checkpoint was written"
+                    raise TrainingDiverged(f"step {step}: loss is {metrics['loss']}; stopping ({where}).")
+                rows, seq = batch["tokens"].shape
+                metrics.update(log.throughput(rows * seq, time.perf_counter() - t0))
+                result.last = metrics
+                logged = step % t.log_every == 0 or step == t.steps
+                if logged:
+                    result.history.append({"step": step, **metrics})
+                log.write(step, metrics, print_line=logged)
+                if eval_every and step % eval_every == 0 and step < t.steps:
+                    evaluate()
+                if preempt.requested():
+                    save(force=True)
+                    result.stop = "preempted"
+                    log.message(f"preempted at step {step}: checkpoint saved; run the same command to resume")
+                    break
+                save(force=step == t.steps)
+            if result.stop == "done":
+                evaluate()
+    finally:
+        if checkpointer is not None:
+            checkpointer.wait()
+        log.close()
+    result.step = step
+    return state, result

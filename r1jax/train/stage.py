@@ -1,0 +1,113 @@
+"""What every training stage driver does before its loop: runtime, mesh, tokenizer, train state.
+
+A stage starts in one of three ways, decided in this order:
+  resume     checkpoint.dir already holds steps: the latest is restored exactly (state, data
+             position, tokenizer), after checking the config still fits it;
+  hand-off   checkpoint.init_from names an earlier stage: its params and router biases (and its
+             tokenizer, unless tokenizer.path is set) start this stage, with a fresh optimizer;
+  fresh      random init (and a tokenizer from tokenizer.path, or trained on the stage's data).
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from dataclasses import dataclass
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from r1jax import distributed
+from r1jax.checkpoint import RunCheckpointer, find_stage_checkpoint, restore_params
+from r1jax.config import Config, ConfigError
+from r1jax.data.pipeline import tokenizer_corpus
+from r1jax.errors import CheckpointError
+from r1jax.sharding import make_mesh
+from r1jax.tokenizer import Tokenizer
+from r1jax.train.state import (StepContext, abstract_train_state, init_train_state, make_context, split_model,
+                               state_from_params, train_state_shardings)
+
+
+@dataclass
+class StageStart:
+    ctx: StepContext
+    mesh: jax.sharding.Mesh
+    state: object  # TrainState
+    tokenizer: Tokenizer
+    checkpointer: RunCheckpointer | None
+    data_state: dict | None  # the loader position to restore (resume only)
+    how: str  # "resume" | "hand-off" | "fresh"
+
+
+def _with_shardings(abstract, shardings):
+    """`abstract`'s tree (Variable nodes kept, as saved) with each leaf carrying its sharding."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    sh = jax.tree.leaves(shardings)
+    assert len(sh) == len(leaves), (len(sh), len(leaves))
+    return treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(leaves, sh)])
+
+
+def _handoff_params(cfg: Config, ctx: StepContext, mesh) -> tuple[nnx.State, nnx.State, dict[str, bytes] | None]:
+    """Params + router biases (+ tokenizer files) of the earlier stage named by checkpoint.init_from."""
+    path, step = find_stage_checkpoint(cfg.checkpoint.init_from)
+    if step is None:  # a params checkpoint (e.g. converted from HF)
+        _, _, state = restore_params(path, cfg.model, mesh)
+        _, params, bias = split_model(nnx.merge(ctx.graphdef, state))
+        tok = path / "tokenizer"
+        files = {p.name: p.read_bytes() for p in tok.iterdir()} if tok.is_dir() else None
+        return params, bias, files
+    shardings = train_state_shardings(ctx, mesh)
+    abstract = abstract_train_state(ctx)
+    target = {"params": _with_shardings(abstract.params, shardings.params),
+              "router_bias": _with_shardings(abstract.router_bias, shardings.router_bias)}
+    src = RunCheckpointer(path, every=1, keep=1, async_save=False)
+    try:
+        out = src.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, partial_restore=True), tokenizer=ocp.args.JsonRestore()))
+    except ValueError as e:
+        raise CheckpointError(f"{path}/{step}: its params do not fit this stage's model config: "
+                              f"{str(e).splitlines()[0]}") from None
+    files = {n: base64.b64decode(d) for n, d in (out.tokenizer or {}).items()} or None
+    return out.state["params"], out.state["router_bias"], files
+
+
+def _tokenizer(cfg: Config, source, files: dict[str, bytes] | None) -> Tokenizer:
+    if cfg.tokenizer.path:
+        return Tokenizer.load(cfg.tokenizer.path)
+    if files:
+        return Tokenizer.from_files(files)
+    if cfg.tokenizer.train_vocab_size <= 0:
+        raise ConfigError("tokenizer.path: set tokenizer.path or tokenizer.train_vocab_size (or start from a stage "
+                          "checkpoint that carries a tokenizer)")
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = tokenizer_corpus(source, cfg.data.template, cfg.tokenizer.train_examples)
+        tok = Tokenizer.train_sentencepiece(texts, tmp, cfg.tokenizer.train_vocab_size, seed=cfg.data.seed)
+        return Tokenizer.from_files(tok.files())
+
+
+def start_stage(cfg: Config, source) -> StageStart:
+    """Runtime + mesh + tokenizer + train state for a stage over `source` (its training records)."""
+    distributed.initialize(cfg.distributed)
+    mesh = make_mesh(cfg.mesh, model=cfg.model)
+    ctx = make_context(cfg)
+    ckpt = None
+    if cfg.checkpoint.dir:
+        ckpt = RunCheckpointer(cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    latest = ckpt.latest_step() if ckpt else None
+    if latest is not None:
+        ckpt.check_resumable(cfg, latest)
+        target = _with_shardings(abstract_train_state(ctx), train_state_shardings(ctx, mesh))
+        state, data_state, files = ckpt.restore(latest, target)
+        tok = Tokenizer.from_files(files) if files and not cfg.tokenizer.path else _tokenizer(cfg, source, files)
+        how = "resume"
+    elif cfg.checkpoint.init_from:
+        params, bias, files = _handoff_params(cfg, ctx, mesh)
+        state = state_from_params(ctx, params, bias, mesh)
+        tok, data_state, how = _tokenizer(cfg, source, files), None, "hand-off"
+    else:
+        state = init_train_state(ctx, jax.random.key(cfg.train.seed), mesh)
+        tok, data_state, how = _tokenizer(cfg, source, None), None, "fresh"
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids")
+    return StageStart(ctx=ctx, mesh=mesh, state=state, tokenizer=tok, checkpointer=ckpt, data_state=data_state, how=how)
