@@ -95,6 +95,7 @@ class ModelConfig:
     group_score: Literal["top2_sum", "max"] = "top2_sum"  # V3: sum of top-2; V2: max
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    moe_impl: Literal["auto", "ragged_dot", "tiled"] = "auto"  # grouped matmul (see models/gmm.py)
     # multi-token prediction (DeepSeek-V3 section 2.2)
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3

@@ -25,6 +25,15 @@ def exact_match(expected: str, completion: str) -> bool:
     return got is not None and got == expected.strip()
 
 
+def _to_host(x: jax.Array):
+    """A (possibly multi-process) array as numpy on every host."""
+    if x.is_fully_addressable:
+        return jax.device_get(x)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
 def greedy_accuracy(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer, template: str,
                     records: list[dict], max_new_tokens: int, batch_size: int = 128,
                     check: Callable[[dict, str], bool] | None = None) -> dict:
@@ -39,8 +48,8 @@ def greedy_accuracy(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokeniz
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - n)  # fixed shapes: one compilation
         toks, lens = pad_prompts(chunk, total, tokenizer.pad_id)
-        out, new_lens = jax.device_get(greedy_generate_recompute(graphdef, state, toks, lens, tokenizer.eos_id,
-                                                                 max_new_tokens))
+        out, new_lens = map(_to_host, greedy_generate_recompute(graphdef, state, toks, lens, tokenizer.eos_id,
+                                                                max_new_tokens))
         for i in range(n):
             rec = records[start + i]
             text = tokenizer.decode(out[i, lens[i]:new_lens[i]].tolist(), skip_special=True)

@@ -9,9 +9,9 @@ Routing (float32):
   to sum 1, then times routed_scaling_factor.
 
 Experts are computed without token dropping: the (token, expert) assignments are sorted by expert
-and multiplied with `jax.lax.ragged_dot` (a grouped matmul that touches each assignment once), then
-unsorted and summed with their gate weights. FLOPs are those of the k chosen experts per token; no
-dense one-hot over all experts.
+and multiplied with a grouped matmul (`jax.lax.ragged_dot` on TPU, the tiled form of gmm.py
+elsewhere, where XLA would lower ragged_dot densely), then unsorted and summed with their gate
+weights. FLOPs are those of the k chosen experts per token; no dense one-hot over all experts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
+from r1jax.models.gmm import grouped_matmul
 from r1jax.models.layers import DTYPES, MLP, RouterBias, param
 from r1jax.sharding import active_mesh, logical_to_spec, mesh_shape
 
@@ -77,12 +78,12 @@ def sequence_balance_loss(scores: jax.Array, experts: jax.Array, token_mask: jax
 
 
 def routed_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, first_expert: jax.Array | int = 0) -> jax.Array:
+                   w_down: jax.Array, first_expert: jax.Array | int = 0, impl: str = "auto") -> jax.Array:
     """Dropless expert FFN for tokens x [T, d] with choices experts/weights [T, k].
 
     w_gate, w_up [E_loc, d, f]; w_down [E_loc, f, d] hold experts first_expert .. first_expert+E_loc.
     Assignments to other experts contribute zero (they sort after the local groups, beyond the
-    rows ragged_dot computes). Returns sum_k weight * FFN_expert(x), [T, d] in x.dtype.
+    rows the grouped matmul computes). Returns sum_k weight * FFN_expert(x), [T, d] in x.dtype.
     """
     t, k = experts.shape
     e_loc = w_gate.shape[0]
@@ -92,15 +93,15 @@ def routed_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate:
     group_sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
     xs = x[order // k]  # [T*k, d]
     dt = x.dtype
-    gate = jax.lax.ragged_dot(xs, w_gate.astype(dt), group_sizes)  # [T*k, f]
-    up = jax.lax.ragged_dot(xs, w_up.astype(dt), group_sizes)
-    ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dt), group_sizes)  # [T*k, d]
+    gate = grouped_matmul(xs, w_gate.astype(dt), group_sizes, impl)  # [T*k, f]
+    up = grouped_matmul(xs, w_up.astype(dt), group_sizes, impl)
+    ys = grouped_matmul(jax.nn.silu(gate) * up, w_down.astype(dt), group_sizes, impl)  # [T*k, d]
     ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     return ys[inverse].reshape(t, k, -1).sum(1).astype(dt)
 
 
-def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh):
+def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh, impl: str = "auto"):
     """Expert-parallel routed experts over `mesh`; x [B, S, d], experts/weights [B, S, k].
 
     Layout: tokens are sharded over (data, fsdp, expert); expert weights over experts -> expert,
@@ -109,7 +110,7 @@ def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh):
       1. all-gather the expert weights' fsdp shards (ZeRO-3, one layer at a time);
       2. all-gather the tokens (and their choices) over the `expert` axis, so each expert shard
          sees every token of its expert-parallel group;
-      3. compute only the assignments that hit its local experts (dropless ragged_dot), with the
+      3. compute only the assignments that hit its local experts (dropless grouped matmul), with the
          hidden dimension split over `tensor`;
       4. psum over `tensor`, then reduce-scatter over `expert`: each device gets back the complete
          sum over all k experts for its own tokens.
@@ -144,7 +145,7 @@ def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh):
         for ax in expert_axes:  # linear index of this device's expert shard
             shard = shard * ms[ax] + jax.lax.axis_index(ax)
         y = routed_experts(x.reshape(b * s, d), experts.reshape(b * s, -1), weights.reshape(b * s, -1),
-                           w_gate, w_up, w_down, first_expert=shard * w_gate.shape[0]).reshape(b, s, d)
+                           w_gate, w_up, w_down, first_expert=shard * w_gate.shape[0], impl=impl).reshape(b, s, d)
         if tensor_axes or sum_axes:
             y = jax.lax.psum(y, tensor_axes + sum_axes)
         if gather_axes:
@@ -180,9 +181,9 @@ class MoE(nnx.Module):
         wg, wu, wd = self.w_gate[...], self.w_up[...], self.w_down[...]
         if mesh is None:
             y = routed_experts(x.reshape(b * s, d), experts.reshape(b * s, -1), weights.reshape(b * s, -1),
-                               wg, wu, wd).reshape(b, s, d)
+                               wg, wu, wd, impl=cfg.moe_impl).reshape(b, s, d)
         else:
-            y = routed_experts_sharded(x, experts, weights, wg, wu, wd, mesh)
+            y = routed_experts_sharded(x, experts, weights, wg, wu, wd, mesh, cfg.moe_impl)
         if cfg.n_shared_experts:
             y = y + self.shared(x)
         aux = {

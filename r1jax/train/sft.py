@@ -56,10 +56,13 @@ def _objective(params, bias, batch, norm, *, ctx: StepContext):
 
 
 def update_router_bias(bias: nnx.State, loads: dict[str, jax.Array], gamma: float) -> nnx.State:
-    """b += gamma * sign(mean load - load), per layer. loads: 'moe' [L, E], optionally 'mtp' [D, E]."""
+    """b += gamma * sign(mean load - load), per layer. loads: 'moe' [L, E], optionally 'mtp' [D, E]
+    (biases of MTP modules that did not run this step stay where they are)."""
 
     def step(path, var):
-        load = loads["mtp" if path[0] == "mtp" else "moe"]
+        load = loads.get("mtp" if path[0] == "mtp" else "moe")
+        if load is None:
+            return var
         delta = gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
         return var.replace(var.get_value() + delta.astype(var.get_value().dtype))
 
@@ -69,6 +72,9 @@ def update_router_bias(bias: nnx.State, loads: dict[str, jax.Array], gamma: floa
 def microbatches(batch: dict, n: int) -> dict:
     """[B, ...] -> [n, B/n, ...], microbatch j holding rows j, j+n, j+2n, ... so that every
     data-parallel shard contributes to every microbatch (no resharding)."""
+
+    if n == 1:
+        return jax.tree.map(lambda x: x[None], batch)
 
     def split(x):
         b = x.shape[0]
@@ -107,7 +113,7 @@ def sft_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContext
     metrics = {
         "loss": totals["ce_sum"] / norm["tokens"],
         "objective": totals["objective"],
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": ctx.schedule(state.step),
         "tokens": totals["tokens"],
         "seq_tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)),
