@@ -8,7 +8,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from r1jax.sampling import greedy_generate_recompute, pad_prompts
+from r1jax.sampling import generate, pad_prompts
 from r1jax.tokenizer import Tokenizer, encode_prompt
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -48,8 +48,9 @@ def greedy_accuracy(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokeniz
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - n)  # fixed shapes: one compilation
         toks, lens = pad_prompts(chunk, total, tokenizer.pad_id)
-        out, new_lens = map(_to_host, greedy_generate_recompute(graphdef, state, toks, lens, tokenizer.eos_id,
-                                                                max_new_tokens))
+        res = generate(graphdef, state, toks, lens, jax.random.key(0), max_new_tokens=max_new_tokens,
+                       eos_id=tokenizer.eos_id)
+        out, new_lens = _to_host(res["tokens"]), _to_host(res["lengths"])
         for i in range(n):
             rec = records[start + i]
             text = tokenizer.decode(out[i, lens[i]:new_lens[i]].tolist(), skip_special=True)

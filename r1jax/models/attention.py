@@ -94,6 +94,41 @@ class MLAttention(nnx.Module):
         out = constrain(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("bshv,hvd->bsd", out, self.wo[...].astype(dt))
 
+    def cache_entries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> dict:
+        """What the decode cache keeps per token: {"c_kv": [B, S, kv_lora], "k_rope": [B, S, rope]}."""
+        c_kv, k_rope = self.latents(x, cos, sin)
+        return {"c_kv": c_kv, "k_rope": k_rope}
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
+        """One new token per row in the absorbed form (DeepSeek-V2 section 2.1.3) over the compressed cache.
+
+        x [B, 1, d]; cache {"c_kv": [B, T, r], "k_rope": [B, T, rope]}; pos [B] the new token's slot.
+        W_UK is folded into the query (q_nope W_UK^T attends to c_kv directly) and W_UV is applied
+        after the attention-weighted sum of c_kv, so per-head keys and values are never expanded.
+        """
+        cfg, dt = self.cfg, x.dtype
+        new = self.cache_entries(x, cos, sin)
+        cache = {k: _write(cache[k], new[k][:, 0], pos) for k in cache}
+        q = self.queries(x)[:, 0]  # [B, H, nope + rope]
+        q_nope, q_rope = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
+        q_rope = apply_rope(q_rope[:, None], cos, sin, interleaved=True)[:, 0]
+        wkv_b = self.wkv_b[...].astype(dt)  # [r, H, nope + v]
+        w_uk, w_uv = wkv_b[..., :cfg.qk_nope_head_dim], wkv_b[..., cfg.qk_nope_head_dim:]
+        q_latent = jnp.einsum("bhn,rhn->bhr", q_nope, w_uk)
+        scores = (jnp.einsum("bhr,btr->bht", q_latent, cache["c_kv"], preferred_element_type=jnp.float32)
+                  + jnp.einsum("bhd,btd->bht", q_rope, cache["k_rope"], preferred_element_type=jnp.float32))
+        t = cache["c_kv"].shape[1]
+        valid = jnp.arange(t)[None, None, :] <= pos[:, None, None]
+        probs = jax.nn.softmax(jnp.where(valid, scores * softmax_scale(cfg), _NEG), axis=-1).astype(dt)
+        o_latent = jnp.einsum("bht,btr->bhr", probs, cache["c_kv"])
+        out = jnp.einsum("bhr,rhv->bhv", o_latent, w_uv)
+        return jnp.einsum("bhv,hvd->bd", out, self.wo[...].astype(dt))[:, None], cache
+
+
+def _write(buf: jax.Array, value: jax.Array, pos: jax.Array) -> jax.Array:
+    """buf[b, pos[b]] = value[b] for every row b. buf [B, T, ...]; value [B, ...]."""
+    return jax.vmap(lambda c, v, p: jax.lax.dynamic_update_index_in_dim(c, v, p, 0))(buf, value.astype(buf.dtype), pos)
+
 
 class GQAttention(nnx.Module):
     """Grouped-query attention with half-split rotary (Llama 3; Qwen2 adds a bias to q, k, v)."""
@@ -128,3 +163,17 @@ class GQAttention(nnx.Module):
         out = dot_product_attention(q, k, v, mask, softmax_scale(self.cfg))
         out = constrain(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype))
+
+    def cache_entries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> dict:
+        """{"k": [B, S, K, hd] (rotated), "v": [B, S, K, hd]}."""
+        _, k, v = self.qkv(x, cos, sin)
+        return {"k": k, "v": v}
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
+        """One new token per row over the K/V cache. x [B, 1, d]; cache k, v [B, T, K, hd]; pos [B]."""
+        q, k, v = self.qkv(x, cos, sin)
+        cache = {"k": _write(cache["k"], k[:, 0], pos), "v": _write(cache["v"], v[:, 0], pos)}
+        t = cache["k"].shape[1]
+        mask = jnp.arange(t)[None, None, :] <= pos[:, None, None]  # [B, 1, T]
+        out = dot_product_attention(q, cache["k"], cache["v"], mask, softmax_scale(self.cfg))
+        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype)), cache

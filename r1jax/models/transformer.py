@@ -70,13 +70,27 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
         x = constrain(x, ("batch", "length", "act_embed"))
-        x = x + self.attn(self.attn_norm(x), ctx["cos"], ctx["sin"], ctx["mask"])
+        h = self.attn_norm(x)
+        if ctx.get("want_cache"):
+            aux_cache = self.attn.cache_entries(h, ctx["cos"], ctx["sin"])
+        x = x + self.attn(h, ctx["cos"], ctx["sin"], ctx["mask"])
+        y, aux = self._ffn(x, ctx["token_mask"])
+        if ctx.get("want_cache"):
+            aux = dict(aux, cache=aux_cache)
+        return x + y, aux
+
+    def _ffn(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, dict]:
         h = self.mlp_norm(x)
         if isinstance(self.mlp, MoE):
-            y, aux = self.mlp(h, ctx["token_mask"])
-        else:
-            y, aux = self.mlp(h), {}
-        return x + y, aux
+            return self.mlp(h, token_mask)
+        return self.mlp(h), {}
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array):
+        """One token per row: x [B, 1, d] -> (x, updated layer cache)."""
+        out, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, pos)
+        x = x + out
+        y, _ = self._ffn(x, jnp.ones(x.shape[:2], bool))
+        return x + y, cache
 
 
 class MTPModule(nnx.Module):
@@ -163,6 +177,49 @@ class Transformer(nnx.Module):
         if with_mtp and cfg.mtp_depth:
             aux.update(self._mtp(tokens, h, ctx))
         return logits, aux
+
+    # ---- decoding with a fixed-size cache (see r1jax.sampling) ----
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """Zeros for every layer: MLA keeps c_kv [L, B, T, kv_lora] and k_rope [L, B, T, rope]
+        (the compressed cache); GQA keeps k, v [L, B, T, K, head_dim]."""
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+        if cfg.is_mla:
+            shapes = {"c_kv": (batch, max_len, cfg.kv_lora_rank), "k_rope": (batch, max_len, cfg.qk_rope_head_dim)}
+        else:
+            shapes = {n: (batch, max_len, cfg.kv_heads, cfg.gqa_head_dim) for n in ("k", "v")}
+        groups = {"dense_blocks": cfg.n_dense_layers, "moe_blocks": cfg.n_moe_layers}
+        return {g: {k: jnp.zeros((n, *s), dt) for k, s in shapes.items()} for g, n in groups.items() if n}
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """Run right-padded prompts [B, P] (lengths [B]) through the model, filling cache[:, :, :P].
+
+        Returns (logits of each row's last prompt token [B, vocab] float32, cache)."""
+        b, p = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+        segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+        cos, sin = rope_cos_sin(positions, self.cfg)
+        ctx = {"cos": cos, "sin": sin, "mask": attention_mask(segment_ids), "token_mask": segment_ids != 0,
+               "want_cache": True}
+        h = self.embed_tokens(tokens)
+        for group in cache:
+            h, aux = scan_modules(getattr(self, group), lambda blk, x, _: blk(x, ctx), h)
+            cache = dict(cache, **{group: {k: jax.lax.dynamic_update_slice_in_dim(cache[group][k], v.astype(
+                cache[group][k].dtype), 0, axis=2) for k, v in aux["cache"].items()}})
+        h = self.final_norm(jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1))
+        return self.head(h[:, 0]), cache
+
+    def decode_step(self, tokens: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """Next-token logits [B, vocab] for tokens [B] at positions pos [B]; the cache gains them."""
+        cos, sin = rope_cos_sin(pos[:, None], self.cfg)
+        h = self.embed_tokens(tokens[:, None])
+        new_cache = {}
+        for group in cache:
+            def step(blk, x, layer_cache):
+                x, layer_cache = blk.decode(x, cos, sin, layer_cache, pos)
+                return x, layer_cache
+            h, new_cache[group] = scan_modules(getattr(self, group), step, h, cache[group])
+        return self.head(self.final_norm(h)[:, 0]), new_cache
 
     def _mtp(self, tokens: jax.Array, h: jax.Array, ctx: dict) -> dict:
         d, (b, s) = self.cfg.mtp_depth, tokens.shape

@@ -1,0 +1,105 @@
+"""The KV-cache sampler against plain re-derivations: a full-recompute greedy decode written here,
+log-probabilities from the training forward, and token frequencies against the renormalised softmax."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import CONFIGS
+from r1jax.config import load_config
+from r1jax.models import forward, init_model
+from r1jax.sampling import generate, pad_prompts
+
+fwd = jax.jit(forward, static_argnums=0)
+
+
+@functools.cache
+def model(name):
+    cfg = load_config(CONFIGS / "models" / f"{name}.yaml").model
+    graphdef, state = init_model(cfg, jax.random.key(0))
+    state = jax.tree.map(lambda x: x * 3 if x.ndim >= 2 else x, state)  # peaked, varied predictions
+    return cfg, graphdef, state
+
+
+def naive_greedy(graphdef, state, prompt, n, stops, width=32):
+    """Re-run the whole sequence for every new token (in a fixed-width buffer whose tail is padding,
+    segment id 0, so one compilation serves every length); stop after a stop token."""
+    seq = list(prompt)
+    for _ in range(n):
+        buf = np.zeros((1, width), np.int32)
+        buf[0, :len(seq)] = seq
+        seg = (np.arange(width) < len(seq)).astype(np.int32)[None]
+        logits, _ = fwd(graphdef, state, jnp.asarray(buf), None, jnp.asarray(seg))
+        nxt = int(jnp.argmax(logits[0, len(seq) - 1]))
+        seq.append(nxt)
+        if nxt in stops:
+            break
+    return seq
+
+
+@pytest.mark.parametrize("name", ["tiny_v3", "tiny_v2", "tiny_qwen2", "tiny_llama3"])
+def test_greedy_equals_full_recompute(name):
+    cfg, graphdef, state = model(name)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, cfg.vocab_size, n).astype(np.int32) for n in (5, 11, 2, 8)]
+    n_new = 9
+    free = [naive_greedy(graphdef, state, p, n_new, ()) for p in prompts]
+    eos = free[1][len(prompts[1]) + 3]  # a token row 1 emits: it must stop there, others maybe too
+    expect = [naive_greedy(graphdef, state, p, n_new, (eos,)) for p in prompts]
+    toks, lens = pad_prompts(prompts, 11 + n_new + 1, 0)
+    out = generate(graphdef, state, toks, lens, jax.random.key(0), max_new_tokens=n_new, eos_id=eos)
+    got = [list(np.asarray(out["tokens"][i, :int(out["lengths"][i])])) for i in range(len(prompts))]
+    assert got == expect
+    assert len(got[1]) == len(prompts[1]) + 4
+    # logprobs are log softmax of the model at each generated position (from the training forward)
+    for i, seq in enumerate(got):
+        buf = np.zeros((1, 32), np.int32)
+        buf[0, :len(seq)] = seq
+        logits, _ = fwd(graphdef, state, jnp.asarray(buf), None, jnp.asarray((buf != 0) | (np.arange(32) < len(seq))))
+        lp = jax.nn.log_softmax(logits[0], -1)
+        p = len(prompts[i])
+        want = [float(lp[p - 1 + j, seq[p + j]]) for j in range(len(seq) - p)]
+        np.testing.assert_allclose(np.asarray(out["logprobs"][i, :len(want)]), want, atol=2e-5)
+        assert np.all(np.asarray(out["logprobs"][i, len(want):]) == 0)
+
+
+def first_token_counts(name, n, **kw):
+    cfg, graphdef, state = model(name)
+    prompt = np.arange(1, 7, dtype=np.int32)
+    toks, lens = pad_prompts([prompt] * n, 8, 0)
+    out = generate(graphdef, state, toks, lens, jax.random.key(123), max_new_tokens=1, eos_id=-1, **kw)
+    first = np.asarray(out["tokens"][:, 6])
+    logits, _ = fwd(graphdef, state, jnp.asarray([prompt]))
+    return np.bincount(first, minlength=cfg.vocab_size), np.asarray(logits[0, -1], np.float64)
+
+
+def test_temperature_top_p_frequencies_match_renormalised_softmax():
+    temperature, top_p, n = 0.7, 0.8, 6000
+    counts, logits = first_token_counts("tiny_llama3", n, temperature=temperature, top_p=top_p)
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    mass_before = np.cumsum(p[order]) - p[order]
+    kept = order[mass_before < top_p]  # the nucleus: smallest prefix whose mass reaches top_p
+    q = np.zeros_like(p)
+    q[kept] = p[kept] / p[kept].sum()
+    assert counts[q == 0].sum() == 0, "sampled outside the nucleus"
+    # chi-square over the kept tokens (small ones pooled so every expected count is >= 5)
+    exp = q[kept] * n
+    obs = counts[kept].astype(float)
+    big = exp >= 5
+    e = np.append(exp[big], exp[~big].sum())
+    o = np.append(obs[big], obs[~big].sum())
+    e, o = e[e > 0], o[e > 0]
+    chi2, df = float(((o - e) ** 2 / e).sum()), len(e) - 1
+    assert df >= 5, df
+    assert chi2 < df + 4 * np.sqrt(2 * df), (chi2, df)  # ~4 sigma above the mean of chi2(df)
+
+
+def test_top_k_never_leaves_the_k_best():
+    counts, logits = first_token_counts("tiny_v3", 2000, temperature=1.5, top_k=5)
+    top5 = set(np.argsort(-logits)[:5])
+    assert set(np.nonzero(counts)[0]) <= top5 and len(set(np.nonzero(counts)[0])) >= 3

@@ -1,0 +1,226 @@
+"""Whole SFT runs in subprocesses: exact resume after SIGKILL, SIGTERM, bad input, divergence,
+stage hand-off, and two processes x 4 devices against one process x 8 devices."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from conftest import CONFIGS, ROOT
+from r1jax.checkpoint import RunCheckpointer
+from r1jax.config import load_config
+from r1jax.train.stage import _with_shardings
+from r1jax.train.state import abstract_train_state, make_context
+
+TINY = {"base": str(CONFIGS / "models" / "tiny_v3.yaml"),
+        "train": {"steps": 12, "batch_size": 8, "seq_len": 96, "log_every": 1, "eval_examples": 0},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 2},
+        "data": {"source": "arithmetic", "template": "r1", "size": 5000},
+        "tokenizer": {"train_vocab_size": 330, "train_examples": 800},
+        "checkpoint": {"every": 4, "keep": 5}}
+
+
+def write_config(path: Path, run_dir: Path, **sections) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["checkpoint"]["dir"] = str(run_dir)
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env(devices=1):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+
+
+def sft(config: Path, *overrides, devices=1, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1jax.cli", "sft", str(config), *overrides], env=env(devices),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(config: Path, *overrides, devices=1) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "r1jax.cli", "sft", str(config), *overrides], env=env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        rows = logged(run_dir)
+        if rows and rows[-1]["step"] >= step:
+            return rows[-1]["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def final_params(config: Path, run_dir: Path) -> list[np.ndarray]:
+    cfg = load_config(config)
+    ctx = make_context(cfg)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = abstract_train_state(ctx)
+    target = _with_shardings(abstract, jax.tree.map(lambda _: dev, abstract))
+    ck = RunCheckpointer(run_dir, every=1, keep=10, async_save=False)
+    state, _, _ = ck.restore(ck.latest_step(), target)
+    return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 12-step run."""
+    d = tmp_path_factory.mktemp("ref")
+    config = write_config(d / "cfg.yaml", d / "run")
+    r = sft(config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return config, d / "run", logged(d / "run"), final_params(config, d / "run")
+
+
+def test_exact_resume_after_sigkill(tmp_path, reference_run):
+    _, _, ref_log, ref_params = reference_run
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run")
+    proc = start(config)
+    wait_for_step(tmp_path / "run", 6, proc)  # the step-4 checkpoint exists by now (saved before step 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = logged(tmp_path / "run")[-1]["step"]
+    assert killed_at < 12
+    r = sft(config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume" in r.stdout
+    rows = logged(tmp_path / "run")
+    resumed = [x for x in rows[rows.index(next(x for x in rows if x["step"] == killed_at)) + 1:]]
+    assert resumed[0]["step"] <= killed_at  # it went back to the last checkpoint
+    by_step = {x["step"]: x["loss"] for x in ref_log}
+    for x in resumed:  # same batches in the same order give bit-identical losses
+        assert x["loss"] == by_step[x["step"]], x["step"]
+    for a, b in zip(ref_params, final_params(config, tmp_path / "run")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_the_current_step(tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", train={"steps": 400}, checkpoint={"every": 1000})
+    proc = start(config)
+    wait_for_step(tmp_path / "run", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    last = logged(tmp_path / "run")[-1]["step"]
+    ck = RunCheckpointer(tmp_path / "run", every=1000, keep=3, async_save=False)
+    assert ck.latest_step() == last and 3 <= last < 400
+    assert "preempted" in err
+
+
+def test_bad_input_fails_clearly_and_touches_nothing(tmp_path, reference_run):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n{"question": "3+\n')
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", data={"source": "jsonl", "path": str(bad)})
+    r = sft(config)
+    assert r.returncode == 2 and "bad.jsonl:3" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    ref_config, run_dir, _, _ = reference_run
+    before = tree_digest(run_dir)
+    r = sft(ref_config, "model.d_ff=96", "train.steps=20")
+    assert r.returncode == 2 and "model.d_ff" in r.stderr and "128" in r.stderr, r.stderr
+    r = sft(ref_config, "data.ops=['+','-']", "train.steps=20")
+    assert r.returncode == 2 and "data.ops" in r.stderr
+    assert tree_digest(run_dir) == before
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", optimizer={"lr": 1e30, "warmup_steps": 0,
+                                                                             "grad_clip": 0.0},
+                          checkpoint={"every": 1})
+    r = sft(config)
+    assert r.returncode == 3, r.stderr[-2000:]
+    ck = RunCheckpointer(tmp_path / "run", every=1, keep=5, async_save=False)
+    good = ck.latest_step()
+    assert f"step {good + 1}: loss is nan" in r.stderr and f"step {good}" in r.stderr
+    assert all(np.isfinite(x).all() for x in final_params(config, tmp_path / "run"))
+
+
+def test_handoff_starts_from_the_earlier_stage(tmp_path, reference_run):
+    _, ref_run, _, ref_params = reference_run
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", train={"steps": 1},
+                          optimizer={"lr": 0.0, "warmup_steps": 0}, tokenizer={"train_vocab_size": 0},
+                          checkpoint={"init_from": str(ref_run)})
+    r = sft(config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "hand-off" in r.stdout
+    cfg = load_config(config)
+    ctx = make_context(cfg)
+    n_params = len(jax.tree.leaves(abstract_train_state(ctx).params))
+    got = final_params(config, tmp_path / "run")
+    ref_state_params = ref_params[1:1 + n_params]  # leaves order: step, params, opt_state, router_bias
+    for a, b in zip(ref_state_params, got[1:1 + n_params]):
+        np.testing.assert_array_equal(a, b)  # lr 0: the hand-off params are kept as they were
+
+
+MULTI = {"mesh": {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}, "data": {"num_shards": 2},
+         "train": {"steps": 3}, "checkpoint": {"every": 3},
+         "distributed": {"heartbeat_timeout": 10, "initialization_timeout": 120}}
+
+
+def test_two_processes_match_one_process(tmp_path):
+    one = write_config(tmp_path / "one.yaml", tmp_path / "run1", **MULTI)
+    r = sft(one, devices=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = write_config(tmp_path / "two.yaml", tmp_path / "run2", **MULTI)
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
+                        "--devices-per-process", "4", "--", "r1jax", "sft", str(two)],
+                       env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    a = final_params(one, tmp_path / "run1")
+    b = final_params(two, tmp_path / "run2")  # written by two processes, restored here in one
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+    assert [x["loss"] for x in logged(tmp_path / "run1")] == pytest.approx([x["loss"] for x in logged(tmp_path / "run2")],
+                                                                            abs=1e-6)
+
+
+def test_a_dead_process_fails_the_other_within_bounded_time(tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", **dict(MULTI, train={"steps": 5000},
+                                                                          checkpoint={"every": 10000}))
+    procs = []
+    port = __import__("socket").socket()
+    port.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    for i in range(2):
+        e = dict(env(4), R1JAX_COORDINATOR_ADDRESS=address, R1JAX_NUM_PROCESSES="2", R1JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-m", "r1jax.cli", "sft", str(config)], env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        wait_for_step(tmp_path / "run", 2, procs[0])
+        procs[1].kill()
+        t0 = time.time()
+        procs[0].wait(timeout=120)
+        assert time.time() - t0 < 120
+        assert procs[0].returncode != 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
