@@ -117,8 +117,17 @@ def shard_dataset(source, tokenizer: Tokenizer, cfg: DataConfig, seq_len: int, r
         it = it.map(PadToRow(seq_len)).map(ToRow())
     it = it.batch(rows, drop_remainder=True)
     if cfg.worker_count > 0:
+        _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     return it
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside an absl app nothing has parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 class GlobalBatchLoader:
