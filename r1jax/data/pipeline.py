@@ -170,6 +170,13 @@ class GlobalBatchLoader:
         local = {str(s): self._iters[s].get_state() for s in self.local_shards}
         return {"num_shards": self.num_shards, "shards": _gather_json(local)}
 
+    def close(self) -> None:
+        """Stop prefetch threads and worker processes (grain iterators that have them)."""
+        for it in self._iters.values():
+            if hasattr(it, "close"):
+                it.close()
+        self._iters = {}
+
     def restore(self, state: dict) -> None:
         if state.get("num_shards") != self.num_shards:
             raise ConfigError(f"data.num_shards: the checkpoint's data state has {state.get('num_shards')} loader "

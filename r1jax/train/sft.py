@@ -188,6 +188,7 @@ def run_sft(cfg) -> dict:
         state, result = run_loop(cfg, step_fn, start.state, loader, data_state=loader.state,
                                  checkpointer=start.checkpointer, tokenizer_files=tok.files(), flops_per_token=flops,
                                  eval_fn=eval_fn, eval_every=cfg.train.eval_every)
+    loader.close()
     if start.checkpointer is not None:
         start.checkpointer.close()
     return {"step": result.step, "stop": result.stop, "last": result.last, "evals": result.evals,
