@@ -80,7 +80,9 @@ class MLAttention(nnx.Module):
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, interleaved=True)[:, :, 0]
         return self.kv_norm(c_kv), k_rope
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 want_cache: bool = False) -> jax.Array | tuple[jax.Array, dict]:
+        """x [B, S, d] -> [B, S, d]; with want_cache also the decode-cache entries of these tokens."""
         cfg, dt = self.cfg, x.dtype
         q = constrain(self.queries(x), ("batch", "length", "act_heads", None))
         q_nope, q_rope = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
@@ -92,12 +94,9 @@ class MLAttention(nnx.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], cfg.qk_rope_head_dim))], -1)
         out = dot_product_attention(q, k, v, mask, softmax_scale(cfg))  # [B, S, H, v]
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("bshv,hvd->bsd", out, self.wo[...].astype(dt))
-
-    def cache_entries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> dict:
-        """What the decode cache keeps per token: {"c_kv": [B, S, kv_lora], "k_rope": [B, S, rope]}."""
-        c_kv, k_rope = self.latents(x, cos, sin)
-        return {"c_kv": c_kv, "k_rope": k_rope}
+        out = jnp.einsum("bshv,hvd->bsd", out, self.wo[...].astype(dt))
+        # what the decode cache keeps per token: the normed latent and the rotated shared rope key
+        return (out, {"c_kv": c_kv, "k_rope": k_rope}) if want_cache else out
 
     def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
         """One new token per row in the absorbed form (DeepSeek-V2 section 2.1.3) over the compressed cache.
@@ -107,8 +106,8 @@ class MLAttention(nnx.Module):
         after the attention-weighted sum of c_kv, so per-head keys and values are never expanded.
         """
         cfg, dt = self.cfg, x.dtype
-        new = self.cache_entries(x, cos, sin)
-        cache = {k: _write(cache[k], new[k][:, 0], pos) for k in cache}
+        c_kv, k_rope = self.latents(x, cos, sin)
+        cache = {"c_kv": _write(cache["c_kv"], c_kv[:, 0], pos), "k_rope": _write(cache["k_rope"], k_rope[:, 0], pos)}
         q = self.queries(x)[:, 0]  # [B, H, nope + rope]
         q_nope, q_rope = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
         q_rope = apply_rope(q_rope[:, None], cos, sin, interleaved=True)[:, 0]
@@ -158,16 +157,14 @@ class GQAttention(nnx.Module):
         k = constrain(apply_rope(k, cos, sin, interleaved=False), ("batch", "length", "act_kv_heads", None))
         return q, k, constrain(v, ("batch", "length", "act_kv_heads", None))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 want_cache: bool = False) -> jax.Array | tuple[jax.Array, dict]:
+        """x [B, S, d] -> [B, S, d]; with want_cache also the rotated k and v [B, S, K, hd]."""
         q, k, v = self.qkv(x, cos, sin)
         out = dot_product_attention(q, k, v, mask, softmax_scale(self.cfg))
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype))
-
-    def cache_entries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> dict:
-        """{"k": [B, S, K, hd] (rotated), "v": [B, S, K, hd]}."""
-        _, k, v = self.qkv(x, cos, sin)
-        return {"k": k, "v": v}
+        out = jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype))
+        return (out, {"k": k, "v": v}) if want_cache else out
 
     def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
         """One new token per row over the K/V cache. x [B, 1, d]; cache k, v [B, T, K, hd]; pos [B]."""

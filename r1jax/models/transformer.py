@@ -70,14 +70,12 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
         x = constrain(x, ("batch", "length", "act_embed"))
-        h = self.attn_norm(x)
-        if ctx.get("want_cache"):
-            aux_cache = self.attn.cache_entries(h, ctx["cos"], ctx["sin"])
-        x = x + self.attn(h, ctx["cos"], ctx["sin"], ctx["mask"])
+        want_cache = bool(ctx.get("want_cache"))
+        out = self.attn(self.attn_norm(x), ctx["cos"], ctx["sin"], ctx["mask"], want_cache=want_cache)
+        out, cache = out if want_cache else (out, None)
+        x = x + out
         y, aux = self._ffn(x, ctx["token_mask"])
-        if ctx.get("want_cache"):
-            aux = dict(aux, cache=aux_cache)
-        return x + y, aux
+        return x + y, (dict(aux, cache=cache) if want_cache else aux)
 
     def _ffn(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, dict]:
         h = self.mlp_norm(x)
