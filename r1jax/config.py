@@ -339,6 +339,66 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardWeights:
+    """Weights of the rule-based reward components (R1: accuracy + format + language consistency)."""
+
+    accuracy: float = 1.0
+    format: float = 0.0
+    language: float = 0.0
+    code: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Group Relative Policy Optimization (DeepSeekMath section 4.1; R1 section 2.2) and its variants.
+
+    One iteration (train.steps counts them): prompts_per_step prompts x group_size samples ->
+    rewards -> group advantages -> inner_epochs passes over `minibatches` minibatches, one optimizer
+    step each.
+    """
+
+    group_size: int = 16  # G (R1-Zero: 16)
+    prompts_per_step: int = 32  # R1-Zero: 32
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    clip_low: float = 0.2  # epsilon below 1
+    clip_high: float = 0.2  # epsilon above 1 (DAPO clip-higher: 0.28)
+    beta: float = 0.001  # KL coefficient (R1-Zero: 0.001); 0 keeps no reference model at all
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    ref_refresh_every: int = 400  # iterations between copies of the policy into the reference (R1-Zero: 400)
+    std_normalize: bool = True  # False: Dr. GRPO advantages
+    leave_one_out: bool = False
+    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
+    inner_epochs: int = 1  # mu
+    minibatches: int = 1
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    overlong_max_len: int = 0  # DAPO soft overlong punishment: > 0 turns it on
+    overlong_cache: int = 0
+    rewards: RewardWeights = RewardWeights()
+    reward_timeout: float = 10.0
+    reward_workers: int = 0
+
+    def errors(self) -> list[tuple[str, str]]:
+        out = []
+        for key in ("group_size", "prompts_per_step", "max_new_tokens", "inner_epochs", "minibatches",
+                    "ref_refresh_every"):
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        if self.group_size == 1:
+            out.append(("group_size", "GRPO needs at least 2 samples per prompt"))
+        if (self.prompts_per_step * self.group_size) % self.minibatches:
+            out.append(("minibatches", f"{self.minibatches} does not divide prompts_per_step*group_size"))
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            out.append(("temperature" if self.temperature < 0 else "top_p", "temperature >= 0 and 0 < top_p <= 1"))
+        if self.overlong_max_len and not 0 < self.overlong_cache < self.overlong_max_len:
+            out.append(("overlong_cache", "needs 0 < overlong_cache < overlong_max_len"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """Multi-process (multi-host) runtime; empty fields come from the environment (see r1jax.distributed)."""
 
@@ -361,6 +421,7 @@ class Config:
     tokenizer: TokenizerConfig = TokenizerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    grpo: GRPOConfig = GRPOConfig()
     name: str = ""
 
 
@@ -575,7 +636,7 @@ def _validate(cfg, origins, prefix):
             _fail(origins, f"mesh.{key}", msg)
         for key, msg in mesh_model_errors(cfg.mesh, cfg.model):
             _fail(origins, key, msg)
-        for section in ("train", "optimizer", "data"):
+        for section in ("train", "optimizer", "data", "grpo"):
             for key, msg in getattr(cfg, section).errors():
                 _fail(origins, f"{section}.{key}", msg)
     elif hasattr(cfg, "errors"):

@@ -42,3 +42,117 @@ def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array
         outs.append(t)
         masks.append(m & same & (segment_ids != 0))
     return jnp.stack(outs).astype(jnp.int32), jnp.stack(masks)
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO family (DeepSeekMath eqs. 3-4; DAPO; Dr. GRPO; GSPO)
+# --------------------------------------------------------------------------------------------------
+
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def group_advantages(rewards: jax.Array, group_size: int, *, std_normalize: bool = True,
+                     leave_one_out: bool = False, eps: float = 1e-6) -> jax.Array:
+    """Outcome advantages of G samples per prompt, rewards [N * G] (groups contiguous) -> [N * G].
+
+    GRPO (DeepSeekMath section 4.1.2): A_i = (r_i - mean(r)) / std(r).
+    Dr. GRPO (std_normalize=False): A_i = r_i - mean(r).
+    leave_one_out (RLOO baseline): A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r)),
+    divided by std(r) too when std_normalize.
+    """
+    r = rewards.reshape(-1, group_size).astype(jnp.float32)
+    mean = jnp.mean(r, axis=1, keepdims=True)
+    adv = r - mean
+    if leave_one_out:
+        adv = adv * group_size / (group_size - 1)
+    if std_normalize:
+        adv = adv / (jnp.std(r, axis=1, keepdims=True) + eps)
+    return adv.reshape(-1)
+
+
+def kl_estimate(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
+    """Per-token estimate of KL(pi_theta || pi_ref) from sampled-token log-probs (Schulman 2020).
+
+    k1 = log pi - log pi_ref; k2 = (log pi - log pi_ref)^2 / 2;
+    k3 = pi_ref / pi - log(pi_ref / pi) - 1 (DeepSeekMath eq. 4, unbiased and >= 0).
+    """
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return jnp.exp(-d) + d - 1.0
+    raise ValueError(f"unknown KL estimator {estimator!r} (known: {', '.join(KL_ESTIMATORS)})")
+
+
+def overlong_penalty(lengths: jax.Array, max_len: int, cache_len: int) -> jax.Array:
+    """DAPO's soft overlong punishment (eq. 13): 0 up to max_len - cache_len, then a linear ramp to
+    -1 at max_len, and -1 beyond."""
+    start = max_len - cache_len
+    ramp = (start - lengths.astype(jnp.float32)) / max(cache_len, 1)
+    return jnp.where(lengths <= start, 0.0, jnp.where(lengths <= max_len, ramp, -1.0))
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) -> jax.Array:
+    """Reduce a per-token loss [B, T] over response tokens (mask [B, T]) to a scalar.
+
+    seq-mean-token-mean (DeepSeekMath eq. 3): mean_i ( 1/|o_i| sum_t l_it )
+    token-mean (DAPO eq. 8): sum_{i,t} l_it / sum_i |o_i|
+    seq-mean-token-sum-norm (Dr. GRPO): mean_i ( sum_t l_it / max_len )
+    Sequences with no response tokens count in none of them.
+    """
+    m = mask.astype(jnp.float32)
+    lens = jnp.sum(m, axis=-1)
+    has = (lens > 0).astype(jnp.float32)
+    n_seq = jnp.maximum(jnp.sum(has), 1.0)
+    sums = jnp.sum(per_token * m, axis=-1)
+    if mode == "seq-mean-token-mean":
+        return jnp.sum(has * sums / jnp.maximum(lens, 1.0)) / n_seq
+    if mode == "token-mean":
+        return jnp.sum(sums) / jnp.maximum(jnp.sum(lens), 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return jnp.sum(has * sums / max_len) / n_seq
+    raise ValueError(f"unknown aggregation {mode!r} (known: {', '.join(AGGREGATIONS)})")
+
+
+def policy_objective(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array, *,
+                     clip_low: float, clip_high: float, ratio_level: str = "token",
+                     ref_logp: jax.Array | None = None, beta: float = 0.0, kl: str = "k3",
+                     aggregation: str = "seq-mean-token-mean", max_len: int = 1) -> tuple[jax.Array, dict]:
+    """GRPO loss to minimise (the negated objective) and its statistics.
+
+    logp, old_logp, ref_logp [B, T]: log-probs of the sampled tokens under pi_theta, pi_old, pi_ref;
+    advantages [B] (one per sequence, outcome supervision); mask [B, T] response tokens.
+
+    token ratio (GRPO/DAPO): r_it = pi_theta / pi_old per token;
+    sequence ratio (GSPO): s_i = exp(mean_t log(pi_theta / pi_old)), shared by the sequence's tokens.
+    l_it = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + beta * KL_it, aggregated by `aggregation`.
+    """
+    m = mask.astype(jnp.float32)
+    log_ratio = (logp - old_logp) * m
+    if ratio_level == "sequence":
+        seq = jnp.sum(log_ratio, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+        log_ratio = jnp.broadcast_to(seq[:, None], logp.shape)
+    elif ratio_level != "token":
+        raise ValueError(f"unknown ratio level {ratio_level!r} (token, sequence)")
+    ratio = jnp.exp(log_ratio)
+    adv = advantages[:, None].astype(jnp.float32)
+    unclipped = ratio * adv
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    per_token = -jnp.minimum(unclipped, clipped)
+    stats = {"clip_fraction": jnp.sum((clipped < unclipped).astype(jnp.float32) * m) / jnp.maximum(jnp.sum(m), 1.0)}
+    if beta:
+        kl_t = kl_estimate(logp, ref_logp, kl)
+        per_token = per_token + beta * kl_t
+        stats["kl"] = jnp.sum(kl_t * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return aggregate(per_token, mask, aggregation, max_len), stats
+
+
+def sampled_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log pi(target) [B, T] and the entropy of pi [B, T] from logits [B, T, V] (float32)."""
+    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy

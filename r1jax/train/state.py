@@ -85,8 +85,11 @@ def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]
     return graphdef, params, bias
 
 
-def make_context(cfg: Config) -> StepContext:
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train)
+def make_context(cfg: Config, schedule_steps: int | None = None) -> StepContext:
+    """The static half of a stage: model graph, optimizer, lr schedule over `schedule_steps`
+    optimizer steps (default train.steps)."""
+    train = cfg.train if schedule_steps is None else dataclasses.replace(cfg.train, steps=schedule_steps)
+    tx, schedule = make_optimizer(cfg.optimizer, train)
     graphdef, _, _ = split_model(abstract_model(cfg.model))
     return StepContext(graphdef=graphdef, tx=tx, schedule=schedule, cfg=cfg)
 

@@ -1,0 +1,123 @@
+"""GRPO math against a straightforward re-derivation written here from the papers' formulas:
+DeepSeekMath eqs. 3-4 (clipped surrogate, k3 KL), DAPO (clip-higher, token-mean, overlong),
+Dr. GRPO (no std, sum-norm), GSPO (sequence ratio); losses and their gradients, with padding."""
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.train.grpo import rollout_batch
+from r1jax.train.losses import group_advantages, overlong_penalty, policy_objective
+
+
+def reference_loss(logp, old, ref, adv, mask, *, lo, hi, beta, kl, agg, seq_ratio, max_len):
+    """Loop over sequences and tokens; jnp scalars so jax.grad can differentiate it."""
+    per_seq, lengths = [], []
+    for i in range(logp.shape[0]):
+        tokens = [t for t in range(logp.shape[1]) if mask[i, t]]
+        if not tokens:
+            continue
+        if seq_ratio:  # GSPO: s_i = (prod_t pi/pi_old)^(1/|o_i|)
+            s = jnp.exp(sum(logp[i, t] - old[i, t] for t in tokens) / len(tokens))
+        terms = []
+        for t in tokens:
+            r = s if seq_ratio else jnp.exp(logp[i, t] - old[i, t])
+            surrogate = jnp.minimum(r * adv[i], jnp.clip(r, 1 - lo, 1 + hi) * adv[i])
+            if kl == "k3":  # DeepSeekMath eq. 4: pi_ref/pi - log(pi_ref/pi) - 1
+                q = jnp.exp(ref[i, t] - logp[i, t])
+                d = q - jnp.log(q) - 1
+            elif kl == "k2":
+                d = 0.5 * (logp[i, t] - ref[i, t]) ** 2
+            else:
+                d = logp[i, t] - ref[i, t]
+            terms.append(-(surrogate - beta * d))
+        per_seq.append(terms)
+        lengths.append(len(tokens))
+    if agg == "seq-mean-token-mean":
+        return sum(sum(ts) / len(ts) for ts in per_seq) / len(per_seq)
+    if agg == "token-mean":
+        return sum(sum(ts) for ts in per_seq) / sum(lengths)
+    return sum(sum(ts) / max_len for ts in per_seq) / len(per_seq)
+
+
+def inputs(seed):
+    rng = np.random.default_rng(seed)
+    b, t = 5, 7
+    logp = -rng.uniform(0.05, 3.0, (b, t)).astype(np.float32)
+    old = (logp + rng.normal(0, 0.3, (b, t))).astype(np.float32)  # ratios well inside and outside the clip
+    ref = (logp + rng.normal(0, 0.5, (b, t))).astype(np.float32)
+    adv = rng.normal(0, 1, b).astype(np.float32)
+    lens = np.array([7, 3, 0, 5, 1])  # padding, and a sequence with no response tokens
+    mask = (np.arange(t)[None] < lens[:, None]).astype(np.float32)
+    return logp, old, ref, adv, mask
+
+
+CASES = list(itertools.product(["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"], ["k1", "k2", "k3"],
+                               [(0.2, 0.2), (0.2, 0.28)], [False, True]))
+
+
+@pytest.mark.parametrize("agg,kl,clip,seq_ratio", CASES)
+def test_loss_and_gradient_match_the_formulas(agg, kl, clip, seq_ratio):
+    logp, old, ref, adv, mask = inputs(CASES.index((agg, kl, clip, seq_ratio)))
+    kw = dict(lo=clip[0], hi=clip[1], beta=0.04, kl=kl, agg=agg, seq_ratio=seq_ratio, max_len=7)
+
+    def ours(lp):
+        return policy_objective(lp, old, adv, mask, clip_low=clip[0], clip_high=clip[1],
+                                ratio_level="sequence" if seq_ratio else "token", ref_logp=ref, beta=0.04, kl=kl,
+                                aggregation=agg, max_len=7)[0]
+
+    def theirs(lp):
+        return reference_loss(lp, old, ref, adv, mask, **kw)
+
+    lp = jnp.asarray(logp)
+    np.testing.assert_allclose(float(ours(lp)), float(theirs(lp)), rtol=1e-5, atol=1e-6)
+    g1, g2 = jax.grad(ours)(lp), jax.grad(theirs)(lp)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(g1)[mask == 0] == 0)  # padding gets no gradient
+
+
+def test_without_beta_no_kl_and_clip_fraction():
+    logp, old, ref, adv, mask = inputs(7)
+    loss, stats = policy_objective(jnp.asarray(logp), old, adv, mask, clip_low=0.2, clip_high=0.2)
+    assert "kl" not in stats
+    ratio = np.exp(logp - old)
+    a = adv[:, None]
+    clipped = np.clip(ratio, 0.8, 1.2) * a < ratio * a
+    np.testing.assert_allclose(float(stats["clip_fraction"]), (clipped * mask).sum() / mask.sum(), rtol=1e-6)
+
+
+def test_group_advantages():
+    r = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0, 0.25, 1.0], np.float32)
+    g = 4
+    groups = r.reshape(-1, g)
+    want = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(np.asarray(group_advantages(jnp.asarray(r), g)), want.reshape(-1), rtol=1e-5)
+    want = groups - groups.mean(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(group_advantages(jnp.asarray(r), g, std_normalize=False)), want.reshape(-1),
+                               rtol=1e-6)
+    loo = np.array([[x - (row.sum() - x) / (g - 1) for x in row] for row in groups])
+    np.testing.assert_allclose(np.asarray(group_advantages(jnp.asarray(r), g, std_normalize=False, leave_one_out=True)),
+                               loo.reshape(-1), rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(group_advantages(jnp.asarray(r), g))[4:8] == 0)  # all-equal group: zero advantage
+
+
+def test_overlong_penalty_dapo_eq_13():
+    lengths = np.array([10, 80, 81, 90, 100, 101, 200])
+    got = np.asarray(overlong_penalty(jnp.asarray(lengths), max_len=100, cache_len=20))
+    want = [0.0 if n <= 80 else ((80 - n) / 20 if n <= 100 else -1.0) for n in lengths]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_rollout_rows_mark_exactly_the_response():
+    tokens = jnp.asarray([[5, 6, 7, 8, 9, 0, 0], [1, 2, 3, 4, 5, 6, 7]])
+    rows = rollout_batch(tokens, jnp.asarray([2, 3]), jnp.asarray([5, 7]))
+    # row 0: prompt 5 6, response 7 8 9 -> targets at positions 1..3 are the response tokens
+    np.testing.assert_array_equal(np.asarray(rows["response_mask"][0]), [0, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(rows["targets"][0])[:4], [6, 7, 8, 9])
+    np.testing.assert_array_equal(np.asarray(rows["response_mask"][1]), [0, 0, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(np.asarray(rows["segment_ids"][0]), [1, 1, 1, 1, 1, 0, 0])
