@@ -153,7 +153,11 @@ class RunCheckpointer:
 
     def __init__(self, directory: str | Path, every: int, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+        # Every N steps (and forced saves: the end, SIGTERM); not orbax's default extra save at the
+        # first step of a fresh run, which would write a whole model for one step of progress.
+        policy = ocp.checkpoint_managers.AnySavePolicy([ocp.checkpoint_managers.FixedIntervalPolicy(every),
+                                                        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+        options = ocp.CheckpointManagerOptions(save_decision_policy=policy, max_to_keep=keep,
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
 

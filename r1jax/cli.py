@@ -1,8 +1,11 @@
-"""Command line: `r1jax summary|convert|demo` (training stages join as they land).
+"""Command line: `r1jax summary|convert|sft|grpo|sample|demo`.
 
     r1jax summary configs/models/deepseek_v3.yaml --devices 256 mesh.expert=8
     r1jax convert hf-to-r1jax /ckpts/DeepSeek-V3 /ckpts/v3-r1jax mesh.fsdp=-1
     r1jax convert r1jax-to-hf /ckpts/v3-r1jax /ckpts/v3-hf --dtype bfloat16
+    r1jax sft configs/sft_arithmetic.yaml
+    r1jax grpo configs/grpo_arithmetic.yaml
+    r1jax sample runs/grpo-arithmetic --prompt "What is 347 + 589?" --num-samples 4
     r1jax demo
 
 Bad input (unknown key, missing file, checkpoint that does not fit) prints one line and exits 2.
@@ -139,6 +142,87 @@ def cmd_sft(args) -> None:
         raise SystemExit(EXIT_PREEMPTED)
 
 
+def cmd_grpo(args) -> None:
+    from r1jax.train.grpo import run_grpo
+
+    cfg = load_config(args.config, args.overrides)
+    out = run_grpo(cfg)
+    import jax
+
+    if jax.process_index() == 0:
+        last = out["last"]
+        print(f"grpo {cfg.name or args.config}: {out['how']} -> step {out['step']} ({out['stop']}); "
+              f"reward {last.get('reward', float('nan')):.4f}")
+        curve = [(h["step"], h["reward"]) for h in out["history"] if "reward" in h]
+        if curve:
+            print("reward curve: " + " ".join(f"{s}:{r:.3f}" for s, r in curve))
+        for ev in out["evals"]:
+            if "accuracy" in ev:
+                print(f"held-out accuracy at step {ev['step']}: {ev['accuracy']:.1%} of {ev['n']}")
+    if out["stop"] == "preempted":
+        raise SystemExit(EXIT_PREEMPTED)
+
+
+def _read_prompts(args) -> list[str]:
+    import json
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        f = Path(args.prompts)
+        if not f.is_file():
+            raise DataError(f"{f}: no such prompts file")
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if f.suffix == ".jsonl":
+                try:
+                    obj = json.loads(line)
+                    prompts.append(obj.get("question", obj.get("prompt")) if isinstance(obj, dict) else None)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{f}:{n}: not JSON ({e.msg})") from None
+                if not isinstance(prompts[-1], str):
+                    raise DataError(f"{f}:{n}: needs a string field 'question' or 'prompt'")
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise ConfigError("sample: give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def cmd_sample(args) -> None:
+    """Sample completions from any stage checkpoint; one JSON line per sample on stdout."""
+    import json
+
+    import jax
+    import numpy as np
+
+    from r1jax.sampling import generate, pad_prompts
+    from r1jax.tokenizer import encode_prompt
+    from r1jax.train.stage import load_policy
+
+    prompts = _read_prompts(args)
+    policy = load_policy(args.checkpoint, args.overrides)
+    tok = policy.tokenizer
+    if tok is None:
+        raise CheckpointError(f"{args.checkpoint}: carries no tokenizer; pass tokenizer.path=DIR")
+    template = args.template or policy.cfg.data.template
+    ids = [np.asarray(tok.encode(p, add_bos=True), np.int32) if template == "none" else encode_prompt(tok, template, p)
+           for p in prompts]
+    rows = [i for i in ids for _ in range(args.num_samples)]
+    total = max(len(r) for r in rows) + args.max_new_tokens
+    tokens, lengths = pad_prompts(rows, total, tok.pad_id)
+    with jax.set_mesh(policy.mesh):
+        out = generate(policy.graphdef, policy.state, tokens, lengths, jax.random.key(args.seed),
+                       max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, vocab_limit=tok.vocab_size)
+    toks, lens, logps = (np.asarray(jax.device_get(out[k])) for k in ("tokens", "lengths", "logprobs"))
+    for i, row in enumerate(rows):
+        new = toks[i, len(row):lens[i]].tolist()
+        print(json.dumps({"prompt": prompts[i // args.num_samples], "sample": i % args.num_samples,
+                          "completion": tok.decode(new, skip_special=True), "tokens": len(new),
+                          "logprob": float(logps[i, :len(new)].sum())}), flush=True)
+
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early on request, a checkpoint holds the progress
 EXIT_DIVERGED = 3
 
@@ -168,6 +252,25 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     t.set_defaults(fn=cmd_sft)
+
+    g = sub.add_parser("grpo", help="GRPO reinforcement-learning stage (resumes from checkpoint.dir)")
+    g.add_argument("config")
+    g.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    g.set_defaults(fn=cmd_grpo)
+
+    sm = sub.add_parser("sample", help="sample completions from a stage or params checkpoint (JSON lines)")
+    sm.add_argument("checkpoint", help="a run directory (its latest step) or a params checkpoint")
+    sm.add_argument("overrides", nargs="*", help="dotted key=value overrides (mesh.*, tokenizer.path)")
+    sm.add_argument("--prompt", action="append", help="a question (repeatable)")
+    sm.add_argument("--prompts", help="a file: one question per line, or .jsonl with 'question'/'prompt'")
+    sm.add_argument("--template", help="chat template (default: the checkpoint's data.template); 'none': raw text")
+    sm.add_argument("--num-samples", type=int, default=1)
+    sm.add_argument("--max-new-tokens", type=int, default=256)
+    sm.add_argument("--temperature", type=float, default=0.6, help="0: greedy (the R1 paper evaluates at 0.6)")
+    sm.add_argument("--top-p", type=float, default=0.95)
+    sm.add_argument("--top-k", type=int, default=0)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.set_defaults(fn=cmd_sample)
 
     d = sub.add_parser("demo", help="the main job: preset summaries and a tiny MoE on this machine")
     d.add_argument("overrides", nargs="*")

@@ -49,7 +49,7 @@ def greedy_accuracy(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokeniz
         chunk = chunk + [chunk[-1]] * (batch_size - n)  # fixed shapes: one compilation
         toks, lens = pad_prompts(chunk, total, tokenizer.pad_id)
         res = generate(graphdef, state, toks, lens, jax.random.key(0), max_new_tokens=max_new_tokens,
-                       eos_id=tokenizer.eos_id)
+                       eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
         out, new_lens = _to_host(res["tokens"]), _to_host(res["lengths"])
         for i in range(n):
             rec = records[start + i]

@@ -50,11 +50,14 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "stop_ids"))
+                                             "stop_ids", "vocab_limit"))
 def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *,
              max_new_tokens: int, eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: Sequence[int] = ()) -> dict:
+             stop_ids: Sequence[int] = (), vocab_limit: int = 0) -> dict:
     """Continue right-padded prompts tokens [B, T] (lengths [B]; T >= max prompt + max_new_tokens).
+
+    vocab_limit > 0 never emits ids >= vocab_limit: the model's vocabulary is often padded past the
+    tokenizer's (e.g. for sharding), and those rows' logits are not text.
 
     Returns {"tokens" [B, T], "lengths" [B], "logprobs" [B, max_new_tokens] (0 past a row's end),
     "num_new" [B]}.
@@ -72,10 +75,13 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, length
     def body(carry):
         i, toks, lens, done, logits, cache, logps, key = carry
         key, sub = jax.random.split(key)
+        allowed = logits
+        if 0 < vocab_limit < logits.shape[-1]:
+            allowed = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
         if temperature == 0.0:
-            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            nxt = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
         else:
-            nxt = jax.random.categorical(sub, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+            nxt = jax.random.categorical(sub, filter_logits(allowed, temperature, top_k, top_p)).astype(jnp.int32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), nxt[:, None], -1)[:, 0]
         live = ~done & (lens < t)
         nxt = jnp.where(live, nxt, 0)

@@ -292,8 +292,10 @@ class Tokenizer:
         return [*ids, self.eos_id] if add_eos else ids
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        """Text of `ids`. skip_special drops pad/bos/eos but keeps the think/answer tokens."""
-        ids = [int(i) for i in ids]
+        """Text of `ids`. skip_special drops pad/bos/eos but keeps the think/answer tokens. Ids outside
+        the vocabulary (a model's padded vocab rows) decode to nothing."""
+        n = self.vocab_size
+        ids = [int(i) for i in ids if 0 <= int(i) < n]
         if skip_special:
             drop = {self.pad_id, self.bos_id, self.eos_id}
             ids = [i for i in ids if i not in drop]

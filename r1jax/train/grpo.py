@@ -16,13 +16,25 @@ keep moving with the step's expert loads, as in SFT.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import sys
+import time
+from typing import Any
+
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from r1jax.config import Config, ConfigError
+from r1jax.errors import DataError
+from r1jax.sampling import generate, pad_prompts
 from r1jax.sharding import constrain
-from r1jax.train.losses import policy_objective, sampled_logprobs
+from r1jax.tokenizer import Tokenizer, encode_prompt
+from r1jax.train.losses import group_advantages, overlong_penalty, policy_objective, sampled_logprobs
 from r1jax.train.sft import update_router_bias
 from r1jax.train.state import StepContext, TrainState
 
@@ -82,3 +94,287 @@ def rollout_batch(tokens: jax.Array, prompt_lengths: jax.Array, total_lengths: j
     response = (pos + 1 >= prompt_lengths[:, None]) & (pos + 1 < total_lengths[:, None])
     return {"tokens": tokens, "positions": pos, "segment_ids": valid.astype(jnp.int32), "targets": targets,
             "response_mask": response.astype(jnp.float32)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage: state, prompts, one iteration (rollout -> rewards -> advantages -> mu updates), driver
+# --------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class GRPOState:
+    """What a GRPO run checkpoints. Field names extend TrainState's, so a later stage hands off from
+    a GRPO checkpoint exactly as from an SFT one (it reads params and router_bias)."""
+
+    step: jax.Array  # int32: GRPO iterations done (the loop's step; train.steps counts these)
+    opt_step: jax.Array  # int32: optimizer steps taken (inner_epochs x minibatches per iteration)
+    params: nnx.State
+    opt_state: Any
+    router_bias: nnx.State
+    ref_params: Any = None  # frozen reference policy (None when beta == 0: no copy is kept)
+
+    def train_state(self) -> TrainState:
+        return TrainState(step=self.opt_step, params=self.params, opt_state=self.opt_state,
+                          router_bias=self.router_bias)
+
+
+def grpo_wrap(beta: float):
+    """start_stage's `wrap`: TrainState -> GRPOState (a reference copy of the params when beta > 0)."""
+
+    def wrap(ts: TrainState, copy) -> GRPOState:
+        return GRPOState(step=ts.step, opt_step=copy(ts.step), params=ts.params, opt_state=ts.opt_state,
+                         router_bias=ts.router_bias, ref_params=copy(ts.params) if beta > 0 else None)
+
+    return wrap
+
+
+def prompt_indices(n_records: int, seed: int, iteration: int, n: int) -> np.ndarray:
+    """Record indices of iteration `iteration`'s n prompts: a fresh permutation of the source per
+    epoch, computed from (seed, epoch) alone, so a resumed run draws exactly the same prompts."""
+    flat = np.arange(iteration * n, (iteration + 1) * n)
+    epochs, pos = flat // n_records, flat % n_records
+    out = np.empty(n, np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n_records)
+        out[epochs == e] = perm[pos[epochs == e]]
+    return out
+
+
+class PromptStream:
+    """Iterator of GRPO prompt batches from iteration `start` on: each yields {"records": [P],
+    "tokens" [P*G, T], "lengths" [P*G]} (each prompt repeated G times, groups contiguous; right-padded
+    to T = train.seq_len so every iteration has the same shapes)."""
+
+    def __init__(self, source, tok: Tokenizer, cfg: Config, start: int):
+        self.source, self.tok, self.cfg, self.it = source, tok, cfg, start
+        g = cfg.grpo
+        self.prompt_budget = cfg.train.seq_len - g.max_new_tokens
+        if self.prompt_budget <= 0:
+            raise ConfigError(f"train.seq_len: {cfg.train.seq_len} leaves no room for prompts after "
+                              f"grpo.max_new_tokens={g.max_new_tokens}")
+
+    def state(self) -> dict:
+        return {"iteration": self.it}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        g = self.cfg.grpo
+        idx = prompt_indices(len(self.source), self.cfg.data.seed, self.it, g.prompts_per_step)
+        records = [self.source[int(i)] for i in idx]
+        prompts = []
+        for rec in records:
+            ids = encode_prompt(self.tok, self.cfg.data.template, rec["question"])
+            if len(ids) > self.prompt_budget:
+                raise DataError(f"{rec.get('id', 'a record')}: its prompt has {len(ids)} tokens, more than "
+                                f"train.seq_len - grpo.max_new_tokens = {self.prompt_budget}")
+            prompts += [ids] * g.group_size
+        tokens, lengths = pad_prompts(prompts, self.cfg.train.seq_len, self.tok.pad_id)
+        self.it += 1
+        return {"records": records, "tokens": tokens, "lengths": lengths}
+
+
+def _global(x: np.ndarray, sharding) -> jax.Array:
+    """A host array that every process holds in full -> a global array with `sharding`."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _prepare(params, bias, ref_params, rows, plens, sampler_logp, num_new, *, ctx: StepContext):
+    """pi_old (and pi_ref) log-probs of the rollout by the training forward, and how far the
+    sampler's own log-probs are from pi_old (a check that sampling and training agree)."""
+    old = token_logprobs(params, bias, rows, ctx=ctx)
+    out = {"old_logp": old}
+    if ref_params is not None:
+        out["ref_logp"] = token_logprobs(ref_params, bias, rows, ctx=ctx)
+    n = sampler_logp.shape[1]
+    pos = jnp.clip(plens[:, None] - 1 + jnp.arange(n)[None], 0, old.shape[1] - 1)  # target of position p is p + 1
+    valid = jnp.arange(n)[None] < num_new[:, None]
+    diff = jnp.abs(jnp.take_along_axis(old, pos, axis=1) - sampler_logp) * valid
+    out["logp_mismatch"] = jnp.sum(diff) / jnp.maximum(jnp.sum(valid), 1)
+    return out
+
+
+def _minibatch_step(state: TrainState, batch: dict, idx: jax.Array, *, ctx: StepContext):
+    return grpo_step(state, {k: v[idx] for k, v in batch.items()}, None, ctx=ctx)
+
+
+class GRPOIteration:
+    """One GRPO iteration as the loop's step function: (GRPOState, prompt batch, rng) -> (GRPOState,
+    metrics). Rollout, log-prob passes and updates are compiled; rewards run on the host."""
+
+    def __init__(self, ctx: StepContext, mesh, tok: Tokenizer, reward_fn):
+        from r1jax.sharding import batch_sharding
+        from r1jax.train.state import train_state_shardings
+
+        self.ctx, self.cfg, self.g, self.mesh, self.tok, self.reward_fn = ctx, ctx.cfg, ctx.cfg.grpo, mesh, tok, reward_fn
+        self.rows_sharding = batch_sharding(mesh)
+        self.vec_sharding = batch_sharding(mesh, 1)
+        shardings = train_state_shardings(ctx, mesh)
+        self.prepare = jax.jit(functools.partial(_prepare, ctx=ctx))
+        self.update = jax.jit(functools.partial(_minibatch_step, ctx=ctx), donate_argnums=0,
+                              out_shardings=(shardings, None))
+        self.make_rows = jax.jit(rollout_batch)
+        self.updates_per_iteration = self.g.inner_epochs * self.g.minibatches
+
+    def __call__(self, state: GRPOState, batch: dict, rng: jax.Array) -> tuple[GRPOState, dict]:
+        g, cfg = self.g, self.cfg
+        it = int(jax.device_get(state.step))
+        rng = jax.random.fold_in(rng, it)
+        sample_key, perm_seed = jax.random.split(rng)
+        tokens = _global(batch["tokens"], self.rows_sharding)
+        plens = _global(batch["lengths"], self.vec_sharding)
+
+        t0 = time.perf_counter()
+        model_state = nnx.merge_state(state.params, state.router_bias)  # the training params, no copy
+        out = generate(self.ctx.graphdef, model_state, tokens, plens, sample_key, max_new_tokens=g.max_new_tokens,
+                       eos_id=self.tok.eos_id, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                       vocab_limit=self.tok.vocab_size)
+        toks, tlens = _host(out["tokens"]), _host(out["lengths"])
+        t_sample = time.perf_counter() - t0
+
+        host_plens = np.asarray(batch["lengths"])
+        num_new = tlens - host_plens
+        records = [r for r in batch["records"] for _ in range(g.group_size)]
+        texts = [self.tok.decode(toks[i, host_plens[i]:tlens[i]].tolist(), skip_special=True) for i in range(len(toks))]
+        t1 = time.perf_counter()
+        scores = self.reward_fn(texts, records)
+        t_reward = time.perf_counter() - t1
+        total = np.asarray(scores["total"], np.float32)
+        if g.overlong_max_len:
+            total = total + np.asarray(overlong_penalty(jnp.asarray(num_new), g.overlong_max_len, g.overlong_cache))
+        adv = np.asarray(group_advantages(jnp.asarray(total), g.group_size, std_normalize=g.std_normalize,
+                                          leave_one_out=g.leave_one_out))
+        groups = total.reshape(-1, g.group_size)
+        keep = np.ones(len(groups), bool)
+        if g.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
+            keep = groups.max(1) > groups.min(1)
+        row_keep = np.repeat(keep, g.group_size).astype(np.float32)
+
+        rows = self.make_rows(out["tokens"], plens, out["lengths"])
+        rows["response_mask"] = rows["response_mask"] * _global(row_keep, self.vec_sharding)[:, None]
+        rows["advantages"] = _global(adv, self.vec_sharding)
+        extra = self.prepare(state.params, state.router_bias, state.ref_params, rows, plens, out["logprobs"],
+                             out["num_new"])
+        mismatch = extra.pop("logp_mismatch")
+        rows.update(extra)
+
+        t2 = time.perf_counter()
+        ts, step_metrics = state.train_state(), []
+        if keep.any():
+            n_rows, mb = len(toks), len(toks) // g.minibatches
+            rng_np = np.random.default_rng([cfg.train.seed, it])
+            for _ in range(g.inner_epochs):
+                perm = rng_np.permutation(n_rows)
+                for k in range(g.minibatches):
+                    idx = _global(perm[k * mb:(k + 1) * mb].astype(np.int32), self.vec_sharding)
+                    ts, m = self.update(ts, rows, idx)
+                    step_metrics.append(m)
+        step_metrics = jax.device_get(step_metrics)
+        t_train = time.perf_counter() - t2
+
+        ref = state.ref_params
+        if ref is not None and (it + 1) % g.ref_refresh_every == 0:
+            ref = jax.tree.map(jnp.copy, ts.params)
+        new = GRPOState(step=state.step + 1, opt_step=ts.step, params=ts.params, opt_state=ts.opt_state,
+                        router_bias=ts.router_bias, ref_params=ref)
+
+        metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in (step_metrics[0] if step_metrics else {})}
+        metrics.setdefault("loss", 0.0)
+        metrics["updates"] = float(len(step_metrics))
+        metrics["reward"] = float(total.mean())
+        for name, values in scores.items():
+            if name != "total":
+                metrics[f"reward_{name}"] = float(np.mean(values))
+        if "accuracy" in scores:
+            metrics["accuracy"] = float(np.mean(np.asarray(scores["accuracy"]) > 0.5))
+        metrics["reward_std_in_group"] = float(groups.std(1).mean())
+        metrics["groups_kept"] = float(keep.mean())
+        metrics["response_length"] = float(num_new.mean())
+        metrics["response_length_max"] = float(num_new.max())
+        ended = np.asarray([toks[i, tlens[i] - 1] == self.tok.eos_id if num_new[i] else False for i in range(len(toks))])
+        metrics["truncated"] = float(1.0 - ended.mean())
+        metrics["logp_mismatch"] = float(mismatch)
+        metrics["sampling_tokens_per_s"] = float(num_new.sum() / max(t_sample, 1e-9))
+        trained = float(np.sum(tlens)) * g.inner_epochs if step_metrics else 0.0
+        metrics["training_tokens_per_s"] = trained / max(t_train, 1e-9)
+        metrics["tokens_per_s"] = (float(num_new.sum()) + trained) / max(time.perf_counter() - t0, 1e-9)
+        metrics["reward_seconds"] = t_reward
+        return new, metrics
+
+
+def make_reward_fn(cfg: Config):
+    from r1jax.rewards import RewardFn
+
+    return RewardFn(dataclasses.asdict(cfg.grpo.rewards), timeout=cfg.grpo.reward_timeout,
+                    workers=cfg.grpo.reward_workers)
+
+
+def eval_checker():
+    """check(record, completion) for held-out evaluation: the accuracy reward's verdict."""
+    from r1jax.rewards import accuracy_reward
+
+    return lambda rec, text: accuracy_reward(text, rec) > 0.5
+
+
+def run_grpo(cfg: Config, reward_fn=None) -> dict:
+    """Run (or resume) a GRPO stage. Returns {"step", "stop", "last", "evals", "history", "how", ...}.
+
+    `reward_fn(completions, records) -> {"total": [N], <component>: [N]}` defaults to the rule-based
+    rewards weighted by grpo.rewards (r1jax.rewards.RewardFn).
+    """
+    from r1jax.data.pipeline import heldout, make_source
+    from r1jax.evaluate import greedy_accuracy
+    from r1jax.train.loop import run_loop
+    from r1jax.train.stage import start_stage
+    from r1jax.train.state import make_context
+
+    g = cfg.grpo
+    source = make_source(cfg.data, cfg.data.split)
+    ctx = make_context(cfg, schedule_steps=cfg.train.steps * g.inner_epochs * g.minibatches)
+    start = start_stage(cfg, source, ctx=ctx, wrap=grpo_wrap(g.beta))
+    mesh, tok = start.mesh, start.tokenizer
+    own_rewards = reward_fn is None
+    reward_fn = reward_fn or make_reward_fn(cfg)
+    step0 = int(jax.device_get(start.state.step))
+    prompts = PromptStream(source, tok, cfg, start=step0)
+    records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
+    check = eval_checker() if records else None
+
+    def eval_fn(state):
+        if not records:
+            return {}
+        model_state = nnx.merge_state(state.params, state.router_bias)
+        with jax.set_mesh(mesh):
+            out = greedy_accuracy(ctx.graphdef, model_state, tok, cfg.data.template, records,
+                                  cfg.train.eval_max_new_tokens, check=check)
+        return {"accuracy": float(out["accuracy"]), "n": out["n"], "samples": out["samples"]}
+
+    evals = []
+    if start.how != "resume" and records:
+        evals.append(dict(eval_fn(start.state), step=step0))
+        if jax.process_index() == 0:
+            print(f"eval at step {step0} (before GRPO): accuracy {evals[0]['accuracy']:.4f}", file=sys.stderr,
+                  flush=True)
+    iteration = GRPOIteration(ctx, mesh, tok, reward_fn)
+    try:
+        with jax.set_mesh(mesh):
+            state, result = run_loop(cfg, iteration, start.state, prompts, data_state=prompts.state,
+                                     checkpointer=start.checkpointer, tokenizer_files=tok.files(), flops_per_token=0.0,
+                                     eval_fn=eval_fn if records else None, eval_every=cfg.train.eval_every)
+    finally:
+        if own_rewards and hasattr(reward_fn, "close"):
+            reward_fn.close()
+        if start.checkpointer is not None:
+            start.checkpointer.close()
+    return {"step": result.step, "stop": result.stop, "last": result.last, "evals": evals + result.evals,
+            "history": result.history, "how": start.how, "state": state, "tokenizer": tok, "ctx": ctx}

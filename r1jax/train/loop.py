@@ -124,7 +124,8 @@ class MetricsLog:
                 self.tb.add_scalar(k, float(v), step)
         if print_line or self.tty:
             mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
-            line = (f"step {step}/{self.total} loss {metrics.get('loss', float('nan')):.4f} "
+            rl = "".join(f" {k} {metrics[k]:.3f}" for k in ("reward", "accuracy", "response_length") if k in metrics)
+            line = (f"step {step}/{self.total} loss {metrics.get('loss', float('nan')):.4f}{rl} "
                     f"{metrics.get('tokens_per_s', 0):,.0f} tok/s{mfu} eta {_hms(eta)}")
             print(("\r" + line) if self.tty else line, end="" if self.tty and not print_line else "\n",
                   file=sys.stderr, flush=True)
@@ -182,8 +183,9 @@ def run_loop(cfg: Config, step_fn: Callable, state, batches: Iterator[dict], *, 
                     where = f"the last good checkpoint, step {last}, in {checkpointer.directory} is intact" \
                         if last is not None else "no checkpoint was written"
                     raise TrainingDiverged(f"step {step}: loss is {metrics['loss']}; stopping ({where}).")
-                rows, seq = batch["tokens"].shape
-                metrics.update(log.throughput(rows * seq, time.perf_counter() - t0))
+                if "tokens_per_s" not in metrics:  # a step function may measure its own (GRPO does)
+                    rows, seq = batch["tokens"].shape
+                    metrics.update(log.throughput(rows * seq, time.perf_counter() - t0))
                 result.last = metrics
                 logged = step % t.log_every == 0 or step == t.steps
                 if logged:

@@ -11,10 +11,12 @@ A stage starts in one of three ways, decided in this order:
 from __future__ import annotations
 
 import base64
+import functools
 import tempfile
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -64,7 +66,9 @@ def _handoff_params(cfg: Config, ctx: StepContext, mesh) -> tuple[nnx.State, nnx
     src = RunCheckpointer(path, every=1, keep=1, async_save=False)
     try:
         out = src.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, partial_restore=True), tokenizer=ocp.args.JsonRestore()))
+            state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                       restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+            tokenizer=ocp.args.JsonRestore()))
     except ValueError as e:
         raise CheckpointError(f"{path}/{step}: its params do not fit this stage's model config: "
                               f"{str(e).splitlines()[0]}") from None
@@ -86,28 +90,72 @@ def _tokenizer(cfg: Config, source, files: dict[str, bytes] | None) -> Tokenizer
         return Tokenizer.from_files(tok.files())
 
 
-def start_stage(cfg: Config, source) -> StageStart:
-    """Runtime + mesh + tokenizer + train state for a stage over `source` (its training records)."""
+def _keep(tree):
+    return tree
+
+
+def start_stage(cfg: Config, source, *, ctx: StepContext | None = None, wrap=None) -> StageStart:
+    """Runtime + mesh + tokenizer + train state for a stage over `source` (its training records).
+
+    `ctx` overrides the default make_context(cfg) (e.g. a schedule over more optimizer steps than
+    train.steps). `wrap(train_state, copy)` turns the TrainState into the stage's own state pytree
+    (GRPO adds its reference params); it is applied to the abstract target of a resume too, with
+    `copy` the identity there and an array copy otherwise.
+    """
     distributed.initialize(cfg.distributed)
     mesh = make_mesh(cfg.mesh, model=cfg.model)
-    ctx = make_context(cfg)
+    ctx = ctx or make_context(cfg)
+    wrap = wrap or (lambda state, copy: state)
+    fresh_copy = functools.partial(jax.tree.map, jnp.copy)
     ckpt = None
     if cfg.checkpoint.dir:
         ckpt = RunCheckpointer(cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     latest = ckpt.latest_step() if ckpt else None
     if latest is not None:
         ckpt.check_resumable(cfg, latest)
-        target = _with_shardings(abstract_train_state(ctx), train_state_shardings(ctx, mesh))
+        target = wrap(_with_shardings(abstract_train_state(ctx), train_state_shardings(ctx, mesh)), _keep)
         state, data_state, files = ckpt.restore(latest, target)
         tok = Tokenizer.from_files(files) if files and not cfg.tokenizer.path else _tokenizer(cfg, source, files)
         how = "resume"
     elif cfg.checkpoint.init_from:
         params, bias, files = _handoff_params(cfg, ctx, mesh)
-        state = state_from_params(ctx, params, bias, mesh)
+        state = wrap(state_from_params(ctx, params, bias, mesh), fresh_copy)
         tok, data_state, how = _tokenizer(cfg, source, files), None, "hand-off"
     else:
-        state = init_train_state(ctx, jax.random.key(cfg.train.seed), mesh)
+        state = wrap(init_train_state(ctx, jax.random.key(cfg.train.seed), mesh), fresh_copy)
         tok, data_state, how = _tokenizer(cfg, source, None), None, "fresh"
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids")
     return StageStart(ctx=ctx, mesh=mesh, state=state, tokenizer=tok, checkpointer=ckpt, data_state=data_state, how=how)
+
+
+@dataclass
+class Policy:
+    """A model loaded from any stage checkpoint, ready to sample: graph + state on `mesh`."""
+
+    cfg: Config  # the run config (params checkpoints: a default config around their model section)
+    graphdef: nnx.GraphDef
+    state: nnx.State  # params + router biases
+    tokenizer: Tokenizer | None
+    mesh: jax.sharding.Mesh
+
+
+def load_policy(path, overrides: list[str] | None = None) -> Policy:
+    """The latest params of a run directory, or a params checkpoint (conversion output), on a mesh of
+    this host's devices (mesh.* overrides apply), with the tokenizer saved beside them."""
+    from r1jax.config import load_config, to_dict
+
+    path, step = find_stage_checkpoint(path)
+    if step is None:
+        from r1jax.checkpoint import load_model_config
+
+        data = {"model": to_dict(load_model_config(path))}
+    else:
+        data = RunCheckpointer(path, every=1, keep=1, async_save=False).saved_config(step)
+        data.pop("checkpoint", None)
+    cfg = load_config(data=data, overrides=[*(overrides or []), f"checkpoint.init_from={path}"])
+    mesh = make_mesh(cfg.mesh, model=cfg.model)
+    ctx = make_context(cfg)
+    params, bias, files = _handoff_params(cfg, ctx, mesh)
+    tok = Tokenizer.from_files(files) if files else (Tokenizer.load(cfg.tokenizer.path) if cfg.tokenizer.path else None)
+    return Policy(cfg=cfg, graphdef=ctx.graphdef, state=nnx.merge_state(params, bias), tokenizer=tok, mesh=mesh)
