@@ -316,7 +316,7 @@ def make_reward_fn(cfg: Config):
     from r1jax.rewards import RewardFn
 
     return RewardFn(dataclasses.asdict(cfg.grpo.rewards), timeout=cfg.grpo.reward_timeout,
-                    workers=cfg.grpo.reward_workers)
+                    workers=cfg.grpo.reward_workers, template=cfg.data.template)
 
 
 def eval_checker():

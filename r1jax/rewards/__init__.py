@@ -1,0 +1,60 @@
+"""Rule-based rewards for GRPO (DeepSeek-R1, arXiv:2501.12948).
+
+R1 section 2.2.2 trains R1-Zero on two rule-based rewards, no neural reward model:
+- accuracy (`accuracy_reward`): is the final answer right? For math the answer in `<answer>` (or
+  `\\boxed{}`) is compared with the reference: strings, exact numbers, then math-verify's symbolic
+  equivalence; procedural tasks use their exact checkers; for code problems "a compiler can be used to
+  generate feedback based on predefined test cases" (`code.run_tests`, sandboxed).
+- format (`format_reward`): the reasoning between `<think>` and `</think>`, the answer between
+  `<answer>` and `</answer>`.
+R1 section 2.3.2 adds, for the cold-started RL stage, a language-consistency reward
+(`language_consistency`): the share of target-language words in the chain of thought.
+
+`RewardFn(weights)(completions, records)` combines them with weights, scoring in worker processes
+with a per-completion timeout; the GRPO driver calls it once per rollout batch.
+"""
+
+from r1jax.rewards.accuracy import (
+    accuracy_reward,
+    answers_equivalent,
+    extract_answer,
+    extract_boxed,
+    is_code_record,
+    normalize_answer,
+)
+from r1jax.rewards.code import (
+    RunResult,
+    code_reward,
+    extract_program,
+    normalize_output,
+    run_program,
+    run_tests,
+    sandbox_report,
+)
+from r1jax.rewards.combine import COMPONENTS, RewardFn, reward_weights, score_components
+from r1jax.rewards.format import format_reward
+from r1jax.rewards.language import LANGUAGE_PREDICATES, language_consistency, reasoning_text
+
+__all__ = [
+    "COMPONENTS",
+    "LANGUAGE_PREDICATES",
+    "RewardFn",
+    "RunResult",
+    "accuracy_reward",
+    "answers_equivalent",
+    "code_reward",
+    "extract_answer",
+    "extract_boxed",
+    "extract_program",
+    "format_reward",
+    "is_code_record",
+    "language_consistency",
+    "normalize_answer",
+    "normalize_output",
+    "reasoning_text",
+    "reward_weights",
+    "run_program",
+    "run_tests",
+    "sandbox_report",
+    "score_components",
+]
