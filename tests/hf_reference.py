@@ -110,11 +110,61 @@ def hf_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.nd
     return out.logits.float().numpy()
 
 
-def hf_logits_from_dir(path, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Logits of a checkpoint directory loaded by transformers itself (float32, eager attention)."""
+def load_hf_model(path):
+    """A checkpoint directory loaded by transformers itself (float32, eager attention)."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
-    return hf_logits(model, input_ids, attention_mask)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def hf_logits_from_dir(path, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Logits of a checkpoint directory loaded by transformers itself (float32, eager attention)."""
+    return hf_logits(load_hf_model(path), input_ids, attention_mask)
+
+
+GEN_LENGTHS = (9, 4, 6)  # prompt lengths of the greedy-generation comparison
+GEN_NEW = 12  # new tokens per prompt
+MIN_MARGIN = 1e-3  # top-1 minus top-2 logit along the greedy path: 10x the logits tolerance
+
+
+def sample_prompts(vocab: int, seed: int) -> list[list[int]]:
+    """Prompts of GEN_LENGTHS tokens drawn from ids 1..vocab-1."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, n).tolist() for n in GEN_LENGTHS]
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, return_margins: bool = False):
+    """The new tokens of HF `generate` (greedy, no eos: every prompt runs to max_new_tokens).
+
+    Each prompt is generated alone (batch 1), so HF's own padding conventions play no part.
+    With return_margins, also the gap between the largest and second-largest logit at each step
+    (a near-zero gap is a numerical tie that float32 noise may break either way).
+    """
+    import torch
+    import transformers
+
+    gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None,
+                                        pad_token_id=0, bos_token_id=None, return_dict_in_generate=True,
+                                        output_logits=True)
+    tokens, margins = [], []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([list(p)], dtype=torch.int64)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+            tokens.append([int(x) for x in out.sequences[0, len(p):]])
+            top2 = torch.stack(out.logits)[:, 0].float().topk(2, dim=-1).values  # [new, 2]
+            margins.append((top2[:, 0] - top2[:, 1]).tolist())
+    return (tokens, margins) if return_margins else tokens
+
+
+def decisive_prompts(model, seed: int, tries: int = 50):
+    """(seed, prompts, HF greedy continuations, their margins) for the first prompt seed from `seed`
+    on whose greedy paths have no near-tie (every top-1/top-2 logit gap >= MIN_MARGIN)."""
+    for s in range(seed, seed + tries):
+        prompts = sample_prompts(model.config.vocab_size, s)
+        tokens, margins = hf_greedy(model, prompts, GEN_NEW, return_margins=True)
+        if min(min(m) for m in margins) >= MIN_MARGIN:
+            return s, prompts, tokens, margins
+    raise RuntimeError(f"no prompt seed in [{seed}, {seed + tries}) avoids greedy near-ties")

@@ -1,5 +1,8 @@
 """The KV-cache sampler against plain re-derivations: a full-recompute greedy decode written here,
-log-probabilities from the training forward, and token frequencies against the renormalised softmax."""
+log-probabilities from the training forward, and token frequencies against the renormalised softmax;
+against the outside reference: greedy tokens equal HF transformers `generate` (golden outputs from
+scripts/make_golden.py everywhere, fresh models when torch is installed); and on a device mesh:
+sharded parameters give the single-device tokens."""
 
 import functools
 
@@ -7,11 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from conftest import CONFIGS
-from r1jax.config import load_config
+import hf_reference as R
+import r1jax.models.moe as moe
+from conftest import CONFIGS, GOLDEN
+from r1jax.config import MeshConfig, load_config
+from r1jax.convert import load_hf
 from r1jax.models import forward, init_model
 from r1jax.sampling import generate, pad_prompts
+from r1jax.sharding import make_mesh, state_shardings
 
 fwd = jax.jit(forward, static_argnums=0)
 
@@ -103,3 +111,73 @@ def test_top_k_never_leaves_the_k_best():
     counts, logits = first_token_counts("tiny_v3", 2000, temperature=1.5, top_k=5)
     top5 = set(np.argsort(-logits)[:5])
     assert set(np.nonzero(counts)[0]) <= top5 and len(set(np.nonzero(counts)[0])) >= 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Greedy tokens against HF transformers `generate`
+
+live = pytest.mark.skipif(not R.available(), reason="torch/transformers not installed "
+                          "(run `python3 dev.py test --reference` for the live comparison)")
+
+
+def r1jax_greedy(path, prompts, n_new):
+    """Greedy continuations [len(prompts), n_new] of the checkpoint at `path`, all prompts in one
+    right-padded batch; eos -1 never matches, so every row runs to n_new."""
+    _, graphdef, state = load_hf(path)
+    toks, lens = pad_prompts([np.asarray(p, np.int32) for p in prompts], max(map(len, prompts)) + n_new, 0)
+    out = generate(graphdef, state, toks, lens, jax.random.key(0), max_new_tokens=n_new, eos_id=-1)
+    assert np.all(np.asarray(out["num_new"]) == n_new)
+    return np.stack([np.asarray(out["tokens"])[i, n:n + n_new] for i, n in enumerate(lens)])
+
+
+@pytest.mark.parametrize("name", sorted(R.TINY))
+def test_greedy_equals_hf_generate_golden(name):
+    g = np.load(GOLDEN / name / "generate.npz")
+    prompts = [g["prompts"][i, :n] for i, n in enumerate(g["lengths"])]
+    assert len(set(g["lengths"])) == len(prompts), "the batch must mix prompt lengths"
+    assert g["margins"].min() >= R.MIN_MARGIN  # no near-tie: float32 noise cannot flip an argmax
+    np.testing.assert_array_equal(r1jax_greedy(GOLDEN / name, prompts, g["tokens"].shape[1]), g["tokens"])
+
+
+@live
+@pytest.mark.reference
+@pytest.mark.parametrize("name", sorted(R.TINY))
+def test_greedy_equals_hf_generate_live(name, tmp_path):
+    model = R.build_hf_model(name, seed=17)
+    model.save_pretrained(tmp_path)
+    _, prompts, ref, _ = R.decisive_prompts(model, seed=900)
+    np.testing.assert_array_equal(r1jax_greedy(tmp_path, prompts, R.GEN_NEW), np.array(ref))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling with sharded parameters
+
+
+@pytest.mark.parametrize("name,sizes", [("tiny_v3", dict(data=2, fsdp=1, expert=4, tensor=1)),
+                                        ("tiny_v3", dict(data=1, fsdp=2, expert=2, tensor=2)),
+                                        ("tiny_llama3", dict(data=2, fsdp=2, expert=1, tensor=2))],
+                         ids=["v3-data2-expert4", "v3-fsdp2-expert2-tensor2", "llama3-data2-fsdp2-tensor2"])
+def test_sharded_greedy_equals_single_device(devices8, name, sizes, monkeypatch):
+    """The trainer's sharded parameters go to `generate` as they are, under `jax.set_mesh`."""
+    cfg, graphdef, state = model(name)
+    calls = []
+    orig = moe.routed_experts_sharded
+    monkeypatch.setattr(moe, "routed_experts_sharded", lambda *a: calls.append(1) or orig(*a))
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(1, cfg.vocab_size, n).astype(np.int32) for n in (5, 11, 2, 8, 7, 3, 9, 4)]
+    toks, lens = pad_prompts(prompts, 11 + 10, 0)
+    kw = dict(max_new_tokens=10, eos_id=-1)
+    ref = generate(graphdef, state, toks, lens, jax.random.key(0), **kw)
+    mesh = make_mesh(MeshConfig(**sizes), devices8, cfg)
+    sharded = jax.device_put(state, state_shardings(state, mesh))
+    flat = dict(nnx.to_flat_state(sharded))
+    big = ("moe_blocks", "mlp", "w_gate") if cfg.is_moe else ("dense_blocks", "mlp", "w_gate")
+    w = flat[big].get_value()
+    assert all(s.data.size < w.size for s in w.addressable_shards), w.sharding  # really split
+    with jax.set_mesh(mesh):
+        out = generate(graphdef, sharded, toks, lens, jax.random.key(0), **kw)
+    assert bool(calls) == cfg.is_moe, "MoE layers must take the expert-parallel shard_map path"
+    assert flat[big].get_value() is w and not w.is_deleted()  # used in place: not donated, not replaced
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(ref["tokens"]))
+    np.testing.assert_array_equal(np.asarray(out["lengths"]), np.asarray(ref["lengths"]))
+    np.testing.assert_allclose(np.asarray(out["logprobs"]), np.asarray(ref["logprobs"]), atol=1e-5)
