@@ -54,7 +54,8 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
 def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *,
              max_new_tokens: int, eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), vocab_limit: int = 0) -> dict:
-    """Continue right-padded prompts tokens [B, T] (lengths [B]; T >= max prompt + max_new_tokens).
+    """Continue right-padded prompts tokens [B, T] (lengths [B]; T >= max prompt + max_new_tokens:
+    only the first T - max_new_tokens positions are prefilled).
 
     vocab_limit > 0 never emits ids >= vocab_limit: the model's vocabulary is often padded past the
     tokenizer's (e.g. for sharding), and those rows' logits are not text.
@@ -65,7 +66,9 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, length
     model = nnx.merge(graphdef, state)
     b, t = tokens.shape
     cache = model.init_cache(b, t)
-    logits, cache = model.prefill(tokens, lengths, cache)
+    # Prompts fit in the first T - max_new_tokens positions (the contract above): prefill only those.
+    width = t - max_new_tokens if 0 < max_new_tokens < t else t
+    logits, cache = model.prefill(tokens[:, :width], lengths, cache)
     stops = jnp.asarray([eos_id, *stop_ids], jnp.int32)
 
     def cond(carry):

@@ -209,3 +209,13 @@ def test_balance_loss_and_load_match_v3_formula():
     uni = np.full((1, 8, 4), 0.25, np.float32)
     bal = np.array([[[0, 1], [2, 3]] * 4])
     assert abs(float(sequence_balance_loss(jnp.asarray(uni), jnp.asarray(bal), jnp.ones((1, 8), bool), 2)) - 1.0) < 1e-6
+
+
+def test_tile_height_follows_rows_per_expert():
+    from r1jax.models.gmm import tile_rows
+
+    # decode: 16 tokens x top-2 over 8 experts = ~4 rows per expert -> the smallest tile, not 128
+    assert tile_rows(32, 8) == 8
+    assert tile_rows(100, 8) == 16  # 12 rows per expert -> next power of two
+    assert tile_rows(16 * 256 * 2, 8) == 128  # a training batch: full height
+    assert tile_rows(3, 64) == 8

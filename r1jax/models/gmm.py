@@ -97,4 +97,12 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
         impl = "ragged_dot" if jax.default_backend() == "tpu" else "tiled"
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes)
-    return tiled_gmm(x, w, group_sizes.astype(jnp.int32))
+    return tiled_gmm(x, w, group_sizes.astype(jnp.int32), tile_rows(x.shape[0], w.shape[0]))
+
+
+def tile_rows(rows: int, groups: int, largest: int = 128, smallest: int = 8) -> int:
+    """Tile height for `rows` rows over `groups` groups: about the rows per group (a power of two),
+    clamped to [smallest, largest]. Each group pads to whole tiles, so a 128-row tile at decode time
+    (a few rows per expert) would multiply mostly zeros; training batches get the full height."""
+    per_group = max(rows // max(groups, 1), 1)
+    return int(min(largest, max(smallest, 1 << (per_group - 1).bit_length())))
