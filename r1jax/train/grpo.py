@@ -1,7 +1,20 @@
-"""GRPO: the pure update `grpo_step(state, batch, rng) -> (state, metrics)` and its helpers.
+"""GRPO (DeepSeekMath section 4.1, DeepSeek-R1 section 2.2): the pure update `grpo_step` and the stage.
 
-A GRPO batch is a dict of arrays over B = prompts x G sampled sequences (prompt + response in one
-row, right-padded):
+One iteration (`GRPOIteration`, the stage loop's step; train.steps counts iterations):
+  1. prompts_per_step prompts, each repeated group_size times (`PromptStream`, stateless per step);
+  2. rollout: `sampling.generate` on the training params themselves (same arrays, same mesh, no
+     copy and no weight sync), temperature / top-p / top-k from the grpo section;
+  3. rewards on the host (`r1jax.rewards.RewardFn`, worker processes with timeouts), plus DAPO's
+     soft overlong penalty when set;
+  4. group advantages (r - mean) / std, Dr. GRPO without the std, or leave-one-out; with
+     dynamic_sampling, groups whose rewards are all equal are masked out of the loss;
+  5. log pi_old (and log pi_ref when beta > 0) of the sampled tokens by the training forward;
+  6. inner_epochs passes over `minibatches` shuffled minibatches, one `grpo_step` each;
+  7. every ref_refresh_every iterations the reference becomes a copy of the policy (R1-Zero: 400).
+`GRPOState` (checkpointed) is the TrainState's fields plus the iteration count and the reference.
+
+A GRPO batch for `grpo_step` is a dict of arrays over B sampled sequences (prompt + response in
+one row, right-padded):
   tokens, positions, segment_ids, targets   as in SFT (segment 1 for real tokens, 0 for padding)
   response_mask [B, S]   1 where the target is a sampled response token
   old_logp [B, S]        log pi_old(target), from the training forward before the inner updates
@@ -269,16 +282,22 @@ class GRPOIteration:
         rows.update(extra)
 
         t2 = time.perf_counter()
-        ts, step_metrics = state.train_state(), []
-        if keep.any():
-            n_rows, mb = len(toks), len(toks) // g.minibatches
-            rng_np = np.random.default_rng([cfg.train.seed, it])
-            for _ in range(g.inner_epochs):
-                perm = rng_np.permutation(n_rows)
-                for k in range(g.minibatches):
-                    idx = _global(perm[k * mb:(k + 1) * mb].astype(np.int32), self.vec_sharding)
-                    ts, m = self.update(ts, rows, idx)
-                    step_metrics.append(m)
+        # A minibatch with nothing to learn (every kept row has zero advantage and there is no KL
+        # term, or no row is kept) is skipped rather than stepped: Adam would scale the balance
+        # loss's tiny gradient alone up to a full-size update, a random walk away from the policy.
+        useful = (row_keep > 0) & ((adv != 0) | (g.beta > 0))
+        ts, step_metrics, skipped = state.train_state(), [], 0
+        n_rows, mb = len(toks), len(toks) // g.minibatches
+        rng_np = np.random.default_rng([cfg.train.seed, it])
+        for _ in range(g.inner_epochs):
+            perm = rng_np.permutation(n_rows)
+            for k in range(g.minibatches):
+                sel = perm[k * mb:(k + 1) * mb]
+                if not useful[sel].any():
+                    skipped += 1
+                    continue
+                ts, m = self.update(ts, rows, _global(sel.astype(np.int32), self.vec_sharding))
+                step_metrics.append(m)
         step_metrics = jax.device_get(step_metrics)
         t_train = time.perf_counter() - t2
 
@@ -291,6 +310,7 @@ class GRPOIteration:
         metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in (step_metrics[0] if step_metrics else {})}
         metrics.setdefault("loss", 0.0)
         metrics["updates"] = float(len(step_metrics))
+        metrics["skipped_updates"] = float(skipped)
         metrics["reward"] = float(total.mean())
         for name, values in scores.items():
             if name != "total":
