@@ -124,35 +124,14 @@ def cmd_demo(args) -> None:
 
 
 
-def cmd_sft(args) -> None:
-    from r1jax.train.sft import run_sft
-
-    cfg = load_config(args.config, args.overrides)
-    out = run_sft(cfg)
+def _report(stage: str, args, cfg, out: dict, headline: str) -> None:
+    """What a training stage prints when it returns (process 0), and exit 75 if it was preempted."""
     import jax
 
     if jax.process_index() == 0:
         last = out["last"]
-        print(f"sft {cfg.name or args.config}: {out['how']} -> step {out['step']} ({out['stop']}); "
-              f"loss {last.get('loss', float('nan')):.4f}")
-        for ev in out["evals"]:
-            if "accuracy" in ev:
-                print(f"held-out exact match at step {ev['step']}: {ev['accuracy']:.1%} of {ev['n']}")
-    if out["stop"] == "preempted":
-        raise SystemExit(EXIT_PREEMPTED)
-
-
-def cmd_grpo(args) -> None:
-    from r1jax.train.grpo import run_grpo
-
-    cfg = load_config(args.config, args.overrides)
-    out = run_grpo(cfg)
-    import jax
-
-    if jax.process_index() == 0:
-        last = out["last"]
-        print(f"grpo {cfg.name or args.config}: {out['how']} -> step {out['step']} ({out['stop']}); "
-              f"reward {last.get('reward', float('nan')):.4f}")
+        print(f"{stage} {cfg.name or args.config}: {out['how']} -> step {out['step']} ({out['stop']}); "
+              f"{headline} {last.get(headline, float('nan')):.4f}")
         curve = [(h["step"], h["reward"]) for h in out["history"] if "reward" in h]
         if curve:
             print("reward curve: " + " ".join(f"{s}:{r:.3f}" for s, r in curve))
@@ -161,6 +140,20 @@ def cmd_grpo(args) -> None:
                 print(f"held-out accuracy at step {ev['step']}: {ev['accuracy']:.1%} of {ev['n']}")
     if out["stop"] == "preempted":
         raise SystemExit(EXIT_PREEMPTED)
+
+
+def cmd_sft(args) -> None:
+    from r1jax.train.sft import run_sft
+
+    cfg = load_config(args.config, args.overrides)
+    _report("sft", args, cfg, run_sft(cfg), "loss")
+
+
+def cmd_grpo(args) -> None:
+    from r1jax.train.grpo import run_grpo
+
+    cfg = load_config(args.config, args.overrides)
+    _report("grpo", args, cfg, run_grpo(cfg), "reward")
 
 
 def _read_prompts(args) -> list[str]:

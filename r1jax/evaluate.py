@@ -62,3 +62,19 @@ def greedy_accuracy(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokeniz
 
 
 
+
+
+def heldout_eval_fn(graphdef: nnx.GraphDef, mesh, tokenizer: Tokenizer, template: str, records: list[dict],
+                    max_new_tokens: int, check: Callable[[dict, str], bool]) -> Callable[[object], dict] | None:
+    """The stage loop's eval_fn: greedy accuracy of a train state (params + router_bias) on `records`,
+    on `mesh`; None when there are no records."""
+    if not records:
+        return None
+
+    def eval_fn(state) -> dict:
+        model_state = nnx.merge_state(state.params, state.router_bias)
+        with jax.set_mesh(mesh):
+            out = greedy_accuracy(graphdef, model_state, tokenizer, template, records, max_new_tokens, check=check)
+        return {"accuracy": float(out["accuracy"]), "n": out["n"], "samples": out["samples"]}
+
+    return eval_fn

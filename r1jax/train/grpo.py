@@ -353,7 +353,7 @@ def run_grpo(cfg: Config, reward_fn=None) -> dict:
     rewards weighted by grpo.rewards (r1jax.rewards.RewardFn).
     """
     from r1jax.data.pipeline import heldout, make_source
-    from r1jax.evaluate import greedy_accuracy
+    from r1jax.evaluate import heldout_eval_fn
     from r1jax.train.loop import run_loop
     from r1jax.train.stage import start_stage
     from r1jax.train.state import make_context
@@ -368,16 +368,8 @@ def run_grpo(cfg: Config, reward_fn=None) -> dict:
     step0 = int(jax.device_get(start.state.step))
     prompts = PromptStream(source, tok, cfg, start=step0)
     records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
-    check = eval_checker() if records else None
-
-    def eval_fn(state):
-        if not records:
-            return {}
-        model_state = nnx.merge_state(state.params, state.router_bias)
-        with jax.set_mesh(mesh):
-            out = greedy_accuracy(ctx.graphdef, model_state, tok, cfg.data.template, records,
-                                  cfg.train.eval_max_new_tokens, check=check)
-        return {"accuracy": float(out["accuracy"]), "n": out["n"], "samples": out["samples"]}
+    eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens,
+                              eval_checker()) if records else None
 
     evals = []
     if start.how != "resume" and records:
@@ -390,7 +382,7 @@ def run_grpo(cfg: Config, reward_fn=None) -> dict:
         with jax.set_mesh(mesh):
             state, result = run_loop(cfg, iteration, start.state, prompts, data_state=prompts.state,
                                      checkpointer=start.checkpointer, tokenizer_files=tok.files(), flops_per_token=0.0,
-                                     eval_fn=eval_fn if records else None, eval_every=cfg.train.eval_every)
+                                     eval_fn=eval_fn, eval_every=cfg.train.eval_every)
     finally:
         if own_rewards and hasattr(reward_fn, "close"):
             reward_fn.close()

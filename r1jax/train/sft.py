@@ -155,7 +155,7 @@ def run_sft(cfg) -> dict:
     import functools
 
     from r1jax.data.pipeline import GlobalBatchLoader, heldout, make_source
-    from r1jax.evaluate import greedy_accuracy
+    from r1jax.evaluate import heldout_eval_fn
     from r1jax.sharding import batch_sharding
     from r1jax.summary import train_flops_per_token
     from r1jax.train.loop import run_loop
@@ -172,16 +172,8 @@ def run_sft(cfg) -> dict:
     step_fn = jax.jit(functools.partial(sft_step, ctx=ctx), donate_argnums=0,
                       in_shardings=(shardings, batch_sharding(mesh), None), out_shardings=(shardings, None))
     records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
-    check = answer_checker(cfg.data)
-
-    def eval_fn(state):
-        if not records:
-            return {}
-        model_state = nnx.merge_state(state.params, state.router_bias)
-        with jax.set_mesh(mesh):
-            out = greedy_accuracy(ctx.graphdef, model_state, tok, cfg.data.template, records,
-                                  cfg.train.eval_max_new_tokens, check=check)
-        return {"accuracy": float(out["accuracy"]), "n": out["n"], "samples": out["samples"]}
+    eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens,
+                              answer_checker(cfg.data))
 
     flops = train_flops_per_token(cfg.model, cfg.train.seq_len, with_mtp=cfg.train.mtp)
     with jax.set_mesh(mesh):
