@@ -33,11 +33,14 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--advantages", choices=["all", "positive", "negative"], default="all",
+                   help="keep only the positive or the negative advantages (which part moves what)")
+    p.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     a = p.parse_args()
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "grpo_arithmetic.yaml", [
         f"checkpoint.init_from={a.checkpoint}", "checkpoint.dir=", f"optimizer.lr={a.lr}", "optimizer.warmup_steps=0",
-        "train.bias_update_speed=0", "train.balance_loss_coef=0", "grpo.minibatches=1"])
+        "train.bias_update_speed=0", "train.balance_loss_coef=0", "grpo.minibatches=1", *a.set])
     g = cfg.grpo
     src = make_source(cfg.data, cfg.data.split)
     ctx = make_context(cfg, 100)
@@ -54,7 +57,8 @@ def main() -> None:
         reward = RewardFn({"accuracy": 1.0}, inline=True)(texts, records)["total"]
         adv = np.asarray(G.group_advantages(jnp.asarray(reward), g.group_size))
         rows = G.rollout_batch(out["tokens"], jnp.asarray(starts), out["lengths"])
-        rows["advantages"] = jnp.asarray(adv)
+        keep = {"all": adv, "positive": np.maximum(adv, 0), "negative": np.minimum(adv, 0)}[a.advantages]
+        rows["advantages"] = jnp.asarray(keep)
         rows["old_logp"] = G.token_logprobs(state.params, state.router_bias, rows, ctx=ctx)
         total = jax.jit(lambda lp: jnp.sum(lp * rows["response_mask"], 1))
         before = np.asarray(total(rows["old_logp"]))

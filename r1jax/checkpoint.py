@@ -201,6 +201,12 @@ class RunCheckpointer:
         files = {name: base64.b64decode(data) for name, data in (out.tokenizer or {}).items()}
         return out.state, out.data, files
 
+    def tokenizer_files(self, step: int | None = None) -> dict[str, bytes]:
+        """The tokenizer files saved with `step` (default: the latest)."""
+        step = self.latest_step() if step is None else step
+        out = self.manager.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.JsonRestore()))
+        return {name: base64.b64decode(data) for name, data in (out.tokenizer or {}).items()}
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -156,6 +156,82 @@ def cmd_grpo(args) -> None:
     _report("grpo", args, cfg, run_grpo(cfg), "reward")
 
 
+def cmd_dry_run(args) -> None:
+    """--dry-run of a stage config, or of every stage of a pipeline file."""
+    from r1jax.dryrun import dry_run
+
+    if args.kind == "pipeline":
+        from r1jax.pipeline import load_pipeline, stage_config
+
+        pipe = load_pipeline(args.config, args.overrides)
+        for spec in pipe.stages:
+            try:
+                report = dry_run(stage_config(pipe, spec), spec.kind, devices=args.devices, hbm_gib=args.hbm_gib)
+            except ConfigError as e:
+                raise ConfigError(f"{spec.config} (stage {spec.name}): {e}") from None
+            print(f"== stage {spec.name} ({spec.kind}, {spec.config.name})\n{report}\n")
+        return
+    cfg = load_config(args.config, args.overrides)
+    try:
+        print(dry_run(cfg, args.kind, devices=args.devices, hbm_gib=args.hbm_gib))
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+
+
+def cmd_distill(args) -> None:
+    from r1jax.train.distill import run_distill
+
+    cfg = load_config(args.config, args.overrides)
+    _report("distill", args, cfg, run_distill(cfg), "loss")
+
+
+def cmd_rejection(args) -> None:
+    import jax
+
+    from r1jax.train.rejection import run_rejection_stage
+
+    cfg = load_config(args.config, args.overrides)
+    out = run_rejection_stage(cfg)
+    if jax.process_index() == 0:
+        rep = out["report"]
+        print(f"rejection {cfg.name or args.config}: {out['how']}; dataset {out['dataset']}")
+        for src, s in rep["sources"].items():
+            why = ", ".join(f"{k} {v}" for k, v in s["rejected"].items() if v)
+            print(f"  {src}: accepted {s['accepted']} of {s['samples']} ({s['acceptance_rate']:.1%}); "
+                  f"rejected: {why or 'none'}")
+        print(f"  examples written: {rep['dataset']['examples']} ({rep['mix']['reasoning']} reasoning + "
+              f"{rep['mix']['non_reasoning']} non-reasoning)")
+
+
+def cmd_eval(args) -> None:
+    import jax
+
+    from r1jax.evaluate import run_eval_stage
+
+    cfg = load_config(args.config, args.overrides)
+    out = run_eval_stage(cfg)
+    if jax.process_index() == 0:
+        for name, s in out["sets"].items():
+            metrics = ", ".join(f"{k} {v:.1%}" for k, v in s.items() if k.startswith(("pass@", "cons@", "greedy")))
+            print(f"eval {name} ({s['n']} problems, k={s['k']}): {metrics}")
+        print(f"per-problem results: {out['out']}")
+
+
+def cmd_pipeline(args) -> None:
+    import jax
+
+    from r1jax.pipeline import heldout_accuracy, run_pipeline
+
+    out = run_pipeline(args.config, args.overrides)
+    if jax.process_index() == 0:
+        for name, s in out["stages"].items():
+            acc = heldout_accuracy(s)
+            print(f"{name} ({s['kind']}): held-out accuracy {'-' if acc is None else f'{acc:.1%}'}")
+        print(f"report: {out['dir'] / 'report.md'}")
+    if out["stopped"]:
+        raise SystemExit(EXIT_PREEMPTED)
+
+
 def _read_prompts(args) -> list[str]:
     import json
 
@@ -241,15 +317,22 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-shard-gb", type=float, default=5.0)
     c.set_defaults(fn=cmd_convert)
 
-    t = sub.add_parser("sft", help="supervised fine-tuning stage (resumes from checkpoint.dir)")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    t.set_defaults(fn=cmd_sft)
-
-    g = sub.add_parser("grpo", help="GRPO reinforcement-learning stage (resumes from checkpoint.dir)")
-    g.add_argument("config")
-    g.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    g.set_defaults(fn=cmd_grpo)
+    for name, fn, text in (
+            ("sft", cmd_sft, "supervised fine-tuning stage (resumes from checkpoint.dir)"),
+            ("grpo", cmd_grpo, "GRPO reinforcement-learning stage (resumes from checkpoint.dir)"),
+            ("rejection", cmd_rejection, "rejection sampling: verified, readable samples -> an SFT dataset"),
+            ("distill", cmd_distill, "distillation into a student: sequence-level (SFT on samples) or logits"),
+            ("eval", cmd_eval, "pass@1 over k samples, cons@k, greedy on held-out / GSM8K / MATH-500 / AIME"),
+            ("pipeline", cmd_pipeline, "a whole pipeline file: stages in order, finished ones skipped")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("config")
+        q.add_argument("overrides", nargs="*", help="dotted key=value overrides"
+                       + (" (<stage>.<key>=value, dir=...)" if name == "pipeline" else ""))
+        q.add_argument("--dry-run", action="store_true",
+                       help="validate the config and print memory per device on its mesh; allocate nothing")
+        q.add_argument("--devices", type=int, help="--dry-run: device count for a mesh axis of -1")
+        q.add_argument("--hbm-gib", type=float, help="--dry-run: device memory to check the plan against")
+        q.set_defaults(fn=fn, kind=name)
 
     sm = sub.add_parser("sample", help="sample completions from a stage or params checkpoint (JSON lines)")
     sm.add_argument("checkpoint", help="a run directory (its latest step) or a params checkpoint")
@@ -276,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(getattr(args, "overrides", [])) + extra  # key=value anywhere on the line
     try:
-        args.fn(args)
+        if getattr(args, "dry_run", False):
+            cmd_dry_run(args)
+        else:
+            args.fn(args)
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

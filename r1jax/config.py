@@ -308,6 +308,7 @@ class TokenizerConfig:
 class DataConfig:
     source: Literal["arithmetic", "countdown", "jsonl", "gsm8k", "math500", "aime2024", "tfds"] = "arithmetic"
     path: str = ""  # jsonl: the file; tfds: the data_dir
+    train_path: str = ""  # a JSONL that replaces the training split (held-out evaluation keeps `source`)
     name: str = ""  # tfds: the builder name
     split: str = "train"
     eval_split: str = "test"
@@ -320,6 +321,7 @@ class DataConfig:
     min_digits: int = 3  # arithmetic
     max_digits: int = 3
     ops: tuple[str, ...] = ("+",)
+    flaw_rate: float = 0.0  # arithmetic +: share of training demonstrations that forget their first carry
     n_numbers: int = 4  # countdown
     num_shards: int = 0  # loader shards composing the global batch; 0: one per process
     worker_count: int = 0  # grain worker processes per loader shard
@@ -335,6 +337,10 @@ class DataConfig:
         bad = [o for o in self.ops if o not in ("+", "-", "*")]
         if bad:
             out.append(("ops", f"unknown operations {bad} (known: + - *)"))
+        if not 0 <= self.flaw_rate <= 1:
+            out.append(("flaw_rate", f"must be in [0, 1], got {self.flaw_rate}"))
+        elif self.flaw_rate and (self.source != "arithmetic" or tuple(self.ops) != ("+",)):
+            out.append(("flaw_rate", "flawed demonstrations exist for arithmetic addition only (ops: [\"+\"])"))
         return out
 
 
@@ -399,6 +405,116 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Sampled evaluation as in R1 (section 3.1): pass@1 averaged over k samples at temperature 0.6 and
+    top-p 0.95, cons@k majority vote over the same samples, and greedy accuracy."""
+
+    sets: tuple[str, ...] = ("heldout",)  # heldout (the data source's eval split), gsm8k, math500, aime2024
+    examples: int = 0  # problems per set; 0: all (heldout: train.eval_examples)
+    k: int = 4  # samples per problem (R1: 4 to 64 depending on the set's size)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 0  # 0: train.eval_max_new_tokens
+    greedy: bool = True
+    seed: int = 0
+    batch_size: int = 128  # rows per sampling call (fixed shapes: one compilation)
+
+    def errors(self) -> list[tuple[str, str]]:
+        out = []
+        known = ("heldout", "gsm8k", "math500", "aime2024")
+        bad = [s for s in self.sets if s not in known]
+        if bad:
+            out.append(("sets", f"unknown eval sets {bad} (known: {', '.join(known)})"))
+        for key in ("k", "batch_size"):
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        if self.examples < 0 or self.max_new_tokens < 0:
+            out.append(("examples" if self.examples < 0 else "max_new_tokens", "must be >= 0"))
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            out.append(("temperature" if self.temperature < 0 else "top_p", "temperature >= 0 and 0 < top_p <= 1"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionConfig:
+    """Rejection sampling (R1 section 2.3.3): sample from a checkpoint, keep the correct and readable
+    chains of thought, mix in non-reasoning data. A limit of 0 means "no limit"."""
+
+    prompts: int = 256  # prompts drawn from data.split (procedural sources: the first N; files: up to N, 0: all)
+    samples_per_prompt: int = 4  # completions sampled per prompt
+    prompts_per_batch: int = 64  # prompts sampled at once
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    require_format: bool = True  # the template's <think>/<answer> layout (rewards.format_reward)
+    target_language: str = "en"  # a key of rewards.LANGUAGE_PREDICATES
+    min_language_consistency: float = 0.99  # share of target-language words in the CoT (R1 section 2.3.2)
+    min_reasoning_chars: int = 1  # chain-of-thought length, characters, after stripping
+    max_reasoning_chars: int = 0
+    reject_code_blocks: bool = True  # a fenced code block (``` or ~~~) in the CoT
+    max_paragraph_chars: int = 2000  # longest CoT paragraph (blank-line separated), characters
+    dedupe: bool = True  # drop a kept (reasoning, answer) seen before for the prompt, whitespace-normalised
+    max_kept_per_prompt: int = 0  # keep at most this many per prompt, in sampling order
+    non_reasoning_ratio: float = 0.0  # share of non-reasoning examples in the output (R1: 200k of 800k)
+    non_reasoning_path: str = ""  # JSONL of non-reasoning SFT examples (question, answer[, reasoning])
+    seed: int = 0  # sampling, the mix's sampling and shuffling
+    out: str = ""  # the dataset directory; "": <checkpoint.dir>/dataset
+
+    def errors(self) -> list[tuple[str, str]]:
+        from r1jax.rewards.language import LANGUAGE_PREDICATES
+
+        out = []
+        for key in ("samples_per_prompt", "prompts_per_batch", "max_new_tokens"):
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        for key in ("prompts", "min_reasoning_chars", "max_reasoning_chars", "max_paragraph_chars",
+                    "max_kept_per_prompt"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if self.max_reasoning_chars and self.max_reasoning_chars < self.min_reasoning_chars:
+            out.append(("max_reasoning_chars", f"{self.max_reasoning_chars} < min_reasoning_chars "
+                                               f"{self.min_reasoning_chars}"))
+        if self.target_language not in LANGUAGE_PREDICATES:
+            out.append(("target_language", f"unknown {self.target_language!r}; known: {', '.join(LANGUAGE_PREDICATES)}"))
+        if not 0.0 <= self.min_language_consistency <= 1.0:
+            out.append(("min_language_consistency", f"must be in [0, 1], got {self.min_language_consistency}"))
+        if not 0.0 <= self.non_reasoning_ratio < 1.0:
+            out.append(("non_reasoning_ratio", f"must be in [0, 1), got {self.non_reasoning_ratio}"))
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            out.append(("temperature" if self.temperature < 0 else "top_p", "temperature >= 0 and 0 < top_p <= 1"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Distillation into a (dense) student. `sequence`: SFT on the teacher's accepted samples (R1
+    section 2.4, the paper's method: point data.path at a rejection-sampling dataset); `logits`: match
+    the frozen teacher's token distribution on the same data (forward / reverse KL or generalised JSD
+    at a temperature, full or top-k teacher)."""
+
+    mode: Literal["sequence", "logits"] = "sequence"
+    teacher: str = ""  # logits: the teacher checkpoint (run dir or step dir); same tokenizer as the student
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = 0.5  # generalised JSD mixing weight
+    temperature: float = 1.0
+    top_k: int = 0  # 0: the full teacher distribution; k: its top-k, renormalised
+    ce_weight: float = 0.0  # add this times the hard-label cross-entropy
+
+    def errors(self) -> list[tuple[str, str]]:
+        out = []
+        if self.mode == "logits" and not self.teacher:
+            out.append(("teacher", "logit distillation needs distill.teacher (a checkpoint)"))
+        if not 0 < self.jsd_beta < 1:
+            out.append(("jsd_beta", f"must be in (0, 1), got {self.jsd_beta}"))
+        if self.temperature <= 0:
+            out.append(("temperature", f"must be > 0, got {self.temperature}"))
+        if self.top_k < 0 or self.ce_weight < 0:
+            out.append(("top_k" if self.top_k < 0 else "ce_weight", "must be >= 0"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """Multi-process (multi-host) runtime; empty fields come from the environment (see r1jax.distributed)."""
 
@@ -422,6 +538,9 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     grpo: GRPOConfig = GRPOConfig()
+    eval: EvalConfig = EvalConfig()
+    rejection: RejectionConfig = RejectionConfig()
+    distill: DistillConfig = DistillConfig()
     name: str = ""
 
 
@@ -636,7 +755,7 @@ def _validate(cfg, origins, prefix):
             _fail(origins, f"mesh.{key}", msg)
         for key, msg in mesh_model_errors(cfg.mesh, cfg.model):
             _fail(origins, key, msg)
-        for section in ("train", "optimizer", "data", "grpo"):
+        for section in ("train", "optimizer", "data", "grpo", "eval", "rejection", "distill"):
             for key, msg in getattr(cfg, section).errors():
                 _fail(origins, f"{section}.{key}", msg)
     elif hasattr(cfg, "errors"):

@@ -136,6 +136,72 @@ def test_arithmetic_rejects_bad_settings(kwargs):
         ArithmeticTask(**{"seed": 0, "split": "train", "size": 10, **kwargs})
 
 
+STEP = re.compile(r"(\d+(?:\+\d+)+)=(\d+), write (\d+)(?: carry (\d+))?\.")
+
+
+def replay(reasoning):
+    """Walk an addition chain column by column: (sum it writes, index of the first column that
+    announced a carry the next column did not add, or None). Every step's own sum must be right."""
+    steps = STEP.findall(reasoning)
+    assert steps and reasoning.startswith(steps[0][0])
+    digits, dropped, announced = [], None, 0
+    for k, (terms, total, written, carry) in enumerate(steps):
+        terms = [int(t) for t in terms.split("+")]
+        assert sum(terms) == int(total)
+        if announced and (len(terms) < 3 or terms[-1] != announced):
+            dropped = k - 1 if dropped is None else dropped
+        last = k == len(steps) - 1
+        assert int(written) == (int(total) if last else int(total) % 10)
+        assert int(carry or 0) == (0 if last else int(total) // 10)
+        digits.append(written)
+        announced = int(carry or 0)
+    return int("".join(reversed(digits))), dropped
+
+
+def test_flawed_demonstrations_forget_the_first_carry_and_nothing_else():
+    clean = ArithmeticTask(5, "train", 4000, min_digits=2, max_digits=4)
+    flawed = ArithmeticTask(5, "train", 4000, min_digits=2, max_digits=4, flaw_rate=0.5)
+    n_flawed = eligible = 0
+    for i in range(4000):
+        c, f = clean[i], flawed[i]
+        a, b = c["operands"]
+        assert (f["question"], f["answer"], f["operands"]) == (c["question"], c["answer"], c["operands"])
+        width = max(len(str(a)), len(str(b)))
+        assert replay(c["reasoning"]) == (a + b, None)  # the clean chain: the true sum, nothing dropped
+        clean_carries = [k for k, st in enumerate(STEP.findall(c["reasoning"])) if st[3]]
+        eligible += bool(clean_carries)
+        if "target_answer" not in f:
+            assert f["reasoning"] == c["reasoning"]
+            continue
+        n_flawed += 1
+        total, dropped = replay(f["reasoning"])
+        assert str(total) == f["target_answer"] != f["answer"]
+        assert f["reasoning"].endswith(f"So {a}+{b}={total}.")
+        # The dropped carry is the first one the clean chain announces (in a column before the last).
+        assert clean_carries and dropped == clean_carries[0] < width - 1
+    assert abs(n_flawed / eligible - 0.5) < 0.05  # half the problems that have a carry to forget
+
+
+def test_flaws_are_for_training_addition_only():
+    test = ArithmeticTask(5, "test", 300, min_digits=3, max_digits=3, flaw_rate=1.0)
+    assert all("target_answer" not in test[i] for i in range(300))
+    with pytest.raises(ValueError, match="addition only"):
+        ArithmeticTask(0, "train", 10, ops=("+", "-"), flaw_rate=0.5)
+    with pytest.raises(ValueError, match="flaw_rate"):
+        ArithmeticTask(0, "train", 10, flaw_rate=1.5)
+
+
+def test_sft_targets_state_the_flawed_answer_and_rewards_check_the_true_one():
+    from r1jax.rewards import accuracy_reward
+    from r1jax.tokenizer import render_completion
+
+    task = ArithmeticTask(5, "train", 200, min_digits=3, max_digits=3, flaw_rate=1.0)
+    rec = next(task[i] for i in range(200) if "target_answer" in task[i])
+    shown = render_completion("r1", rec["reasoning"], rec["target_answer"])
+    assert accuracy_reward(shown, rec) == 0.0  # imitating the demonstration is wrong
+    assert accuracy_reward(render_completion("r1", rec["reasoning"], rec["answer"]), rec) == 1.0
+
+
 # --------------------------------------------------------------------------------------------------
 # Countdown
 # --------------------------------------------------------------------------------------------------

@@ -26,12 +26,20 @@ ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def make_source(cfg: DataConfig, split: str):
-    """The random-access record source that `cfg` names, for `split`."""
+    """The random-access record source that `cfg` names, for `split`. data.train_path (a JSONL file,
+    e.g. a rejection-sampling dataset) replaces the source's training split; other splits (held-out
+    evaluation) still come from `source`."""
     from r1jax.data import procedural, sources
+
+    if cfg.train_path and split == cfg.split:
+        src = sources.JsonlSource(cfg.train_path)
+        if not len(src):
+            raise DataError(f"data.train_path: {cfg.train_path} holds no records to train on")
+        return src
 
     if cfg.source == "arithmetic":
         return procedural.ArithmeticTask(cfg.seed, split, cfg.size, min_digits=cfg.min_digits,
-                                         max_digits=cfg.max_digits, ops=tuple(cfg.ops))
+                                         max_digits=cfg.max_digits, ops=tuple(cfg.ops), flaw_rate=cfg.flaw_rate)
     if cfg.source == "countdown":
         return procedural.CountdownTask(cfg.seed, split, cfg.size, n_numbers=cfg.n_numbers)
     if cfg.source == "jsonl":
@@ -54,8 +62,9 @@ class EncodeSFT(grain.transforms.Map):
         self.tokenizer, self.template, self.seq_len = tokenizer, template, seq_len
 
     def map(self, record: dict) -> dict:
+        # "target_answer": what a (deliberately flawed) demonstration states, when it is not the truth.
         ids, mask = encode_example(self.tokenizer, self.template, record["question"], record.get("reasoning", ""),
-                                   record["answer"])
+                                   record.get("target_answer", record["answer"]))
         return {"inputs": ids[:self.seq_len].astype(np.int32), "loss_mask": mask[:self.seq_len].astype(bool)}
 
 
@@ -213,4 +222,5 @@ def tokenizer_corpus(source, template: str, n: int) -> Iterator[str]:
     """Texts to train a tokenizer on: the first n examples of `source` rendered with `template`."""
     for i in range(min(n, len(source))):
         r = source[i]
-        yield render_prompt(template, r["question"]) + render_completion(template, r.get("reasoning", ""), r["answer"])
+        yield render_prompt(template, r["question"]) + render_completion(template, r.get("reasoning", ""),
+                                                                         r.get("target_answer", r["answer"]))

@@ -28,7 +28,7 @@ SPLITS = ("train", "test")
 TEST_PER_MILLE = 100  # ~10% of all problems belong to the test split
 MAX_EXPR_CHARS = 200  # longer countdown answers are rejected unread
 _MAX_ATTEMPTS = 10_000
-_ARITHMETIC_TAG, _COUNTDOWN_TAG = 1, 2
+_ARITHMETIC_TAG, _COUNTDOWN_TAG, _FLAW_TAG = 1, 2, 3
 
 
 def split_of(key: str) -> str:
@@ -77,17 +77,23 @@ def _column_step(terms: Sequence[int], total: int, last: bool) -> str:
     return head + (f"{digit} carry {carry}." if carry else f"{digit}.")
 
 
-def _addition_steps(addends: Sequence[int]) -> list[str]:
-    """Column-wise sum of non-negative addends, zero-padded to one width, least significant first."""
+def _addition_steps(addends: Sequence[int], drop_carry: bool = False) -> tuple[list[str], int]:
+    """Column-wise sum of non-negative addends, zero-padded to one width, least significant first.
+    Returns (steps, the sum the steps arrive at). drop_carry: the first carry is announced but then
+    forgotten by the next column (a deliberate slip; the steps stay consistent with it)."""
     width = max(len(str(x)) for x in addends)
     columns = [str(x).zfill(width)[::-1] for x in addends]
-    steps, carry = [], 0
+    steps, carry, digits = [], 0, []
     for k in range(width):
         terms = [int(c[k]) for c in columns] + ([carry] if carry else [])
         total = sum(terms)
-        steps.append(_column_step(terms, total, last=k == width - 1))
+        last = k == width - 1
+        steps.append(_column_step(terms, total, last=last))
+        digits.append(str(total) if last else str(total % 10))
         carry = total // 10
-    return steps
+        if carry and drop_carry and not last:
+            carry, drop_carry = 0, False
+    return steps, int("".join(reversed(digits)))
 
 
 def _subtraction_steps(a: int, b: int) -> list[str]:
@@ -128,14 +134,24 @@ def _multiplication_steps(a: int, b: int) -> list[str]:
         partials.append(partial)
     if len(partials) > 1:
         steps.append(f"Add {'+'.join(map(str, partials))}:")
-        steps += _addition_steps(partials)
+        steps += _addition_steps(partials)[0]
     return steps
+
+
+def flawed_addition(a: int, b: int) -> tuple[str, int] | None:
+    """Worked steps for `a + b` by a demonstrator that forgets the first carry (the column after it
+    adds without the 1), ending in the sum those steps arrive at: (reasoning, wrong sum); None when
+    the sum has no carry to forget."""
+    steps, total = _addition_steps([a, b], drop_carry=True)
+    if total == a + b:
+        return None
+    return " ".join(steps + [f"So {a}+{b}={total}."]), total
 
 
 def arithmetic_reasoning(a: int, op: str, b: int) -> str:
     """Worked steps for `a op b` (a, b >= 0), ending 'So {a}{op}{b}={result}.'; see ArithmeticTask."""
     if op == "+":
-        steps = _addition_steps([a, b])
+        steps = _addition_steps([a, b])[0]
     elif op == "-" and a >= b:
         steps = _subtraction_steps(a, b)
     elif op == "-":
@@ -167,6 +183,13 @@ class ArithmeticTask:
          ending "So 347*589=204383."
     Extras: "operands": [a, b], "op". Split key: "a op b" with the operands of + and * sorted, so a
     problem and its commuted twin never straddle the splits.
+
+    flaw_rate (addition only, training split only): the share of demonstrations written by a
+    demonstrator who forgets the first carry (see `flawed_addition`): their reasoning and a
+    "target_answer" (what the SFT target states) follow the slip, while "answer" stays the true sum,
+    which rewards and evaluation check. An imperfect cold start that RL with a verifier can surpass.
+    Which demonstrations are flawed is drawn apart from the problems, so the problems are the same
+    at any flaw_rate.
     """
 
     def __init__(
@@ -177,8 +200,13 @@ class ArithmeticTask:
         min_digits: int = 3,
         max_digits: int = 3,
         ops: Sequence[str] = ("+",),
+        flaw_rate: float = 0.0,
     ):
         _check_common(seed, split, size)
+        if not 0.0 <= flaw_rate <= 1.0:
+            raise ValueError(f"flaw_rate must be in [0, 1], got {flaw_rate}")
+        if flaw_rate and tuple(ops) != ("+",):
+            raise ValueError(f"flaw_rate applies to addition only (ops ('+',)), got ops {tuple(ops)!r}")
         if not 1 <= min_digits <= max_digits <= 18:
             raise ValueError(f"need 1 <= min_digits <= max_digits <= 18, got {min_digits}, {max_digits}")
         ops = tuple(ops)
@@ -186,6 +214,7 @@ class ArithmeticTask:
             raise ValueError(f"ops must be a non-empty subset of ('+', '-', '*'), got {ops!r}")
         self.seed, self.split, self.size = seed, split, size
         self.min_digits, self.max_digits, self.ops = min_digits, max_digits, ops
+        self.flaw_rate = float(flaw_rate) if split == "train" else 0.0
 
     def __len__(self) -> int:
         return self.size
@@ -211,12 +240,18 @@ class ArithmeticTask:
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = _index(i, self.size)
         record = _draw(_ARITHMETIC_TAG, self.seed, self.split, i, self._propose)
+        if self.flaw_rate:
+            flip = np.random.default_rng([_FLAW_TAG, self.seed, i]).random() < self.flaw_rate
+            flawed = flawed_addition(*record["operands"]) if flip else None
+            if flawed is not None:
+                record["reasoning"], record["target_answer"] = flawed[0], str(flawed[1])
         return {"id": f"arithmetic:{self.seed}:{self.split}:{i}", **record}
 
     def __repr__(self) -> str:
         return (
             f"ArithmeticTask(seed={self.seed}, split={self.split!r}, size={self.size}, "
-            f"digits={self.min_digits}..{self.max_digits}, ops={self.ops})"
+            f"digits={self.min_digits}..{self.max_digits}, ops={self.ops}"
+            + (f", flaw_rate={self.flaw_rate}" if self.flaw_rate else "") + ")"
         )
 
 

@@ -354,7 +354,7 @@ def run_grpo(cfg: Config, reward_fn=None) -> dict:
     """
     from r1jax.data.pipeline import heldout, make_source
     from r1jax.evaluate import heldout_eval_fn
-    from r1jax.train.loop import run_loop
+    from r1jax.train.loop import append_eval, run_loop
     from r1jax.train.stage import start_stage
     from r1jax.train.state import make_context
 
@@ -374,6 +374,7 @@ def run_grpo(cfg: Config, reward_fn=None) -> dict:
     evals = []
     if start.how != "resume" and records:
         evals.append(dict(eval_fn(start.state), step=step0))
+        append_eval(cfg.checkpoint.dir, evals[0])
         if jax.process_index() == 0:
             print(f"eval at step {step0} (before GRPO): accuracy {evals[0]['accuracy']:.4f}", file=sys.stderr,
                   flush=True)

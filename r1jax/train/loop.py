@@ -90,6 +90,7 @@ class MetricsLog:
         self.peak = peak_flops_per_device()
         self.tty = sys.stderr.isatty()
         self.jsonl = self.tb = None
+        self.run_dir = run_dir if self.active else None
         if self.active and run_dir:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
@@ -130,6 +131,13 @@ class MetricsLog:
             print(("\r" + line) if self.tty else line, end="" if self.tty and not print_line else "\n",
                   file=sys.stderr, flush=True)
 
+    def eval(self, ev: dict) -> None:
+        """Append a held-out evaluation ({"step", "accuracy", ...}) to evals.jsonl (the pipeline report
+        plots it) and print it."""
+        append_eval(self.run_dir, ev)
+        self.message(f"eval at step {ev['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()
+                                                                if isinstance(v, float)))
+
     def message(self, text: str) -> None:
         if self.active:
             print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
@@ -139,6 +147,14 @@ class MetricsLog:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def append_eval(run_dir: str | None, ev: dict) -> None:
+    """One line of `run_dir`/evals.jsonl: the scalar fields of an evaluation (process 0 only)."""
+    if run_dir and jax.process_index() == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(run_dir) / "evals.jsonl", "a") as f:
+            f.write(json.dumps({k: v for k, v in ev.items() if isinstance(v, (int, float, str))}) + "\n")
 
 
 def _hms(seconds: float) -> str:
@@ -164,8 +180,7 @@ def run_loop(cfg: Config, step_fn: Callable, state, batches: Iterator[dict], *, 
         if eval_fn is not None:
             ev = dict(eval_fn(state), step=step)
             result.evals.append(ev)
-            log.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()
-                                                              if isinstance(v, float)))
+            log.eval(ev)
 
     try:
         with Preemption() as preempt:

@@ -150,8 +150,11 @@ def answer_checker(cfg):
     return lambda rec, text: exact_match(rec["answer"], text)
 
 
-def run_sft(cfg) -> dict:
-    """Run (or resume) an SFT stage. Returns {"step", "stop", "last", "evals", "history", "how"}."""
+def run_sft(cfg, step_builder=None) -> dict:
+    """Run (or resume) an SFT stage. Returns {"step", "stop", "last", "evals", "history", "how"}.
+
+    step_builder(ctx, mesh, tokenizer, state_shardings, batch_sharding) -> step_fn(state, batch, rng)
+    replaces the SFT update (logit distillation trains through the same loop)."""
     import functools
 
     from r1jax.data.pipeline import GlobalBatchLoader, heldout, make_source
@@ -169,8 +172,11 @@ def run_sft(cfg) -> dict:
     if start.data_state is not None:
         loader.restore(start.data_state)
     shardings = train_state_shardings(ctx, mesh)
-    step_fn = jax.jit(functools.partial(sft_step, ctx=ctx), donate_argnums=0,
-                      in_shardings=(shardings, batch_sharding(mesh), None), out_shardings=(shardings, None))
+    if step_builder is None:
+        step_fn = jax.jit(functools.partial(sft_step, ctx=ctx), donate_argnums=0,
+                          in_shardings=(shardings, batch_sharding(mesh), None), out_shardings=(shardings, None))
+    else:
+        step_fn = step_builder(ctx, mesh, tok, shardings, batch_sharding(mesh))
     records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
     eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens,
                               answer_checker(cfg.data))

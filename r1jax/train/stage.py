@@ -14,6 +14,7 @@ import base64
 import functools
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,23 @@ def _handoff_params(cfg: Config, ctx: StepContext, mesh) -> tuple[nnx.State, nnx
     return out.state["params"], out.state["router_bias"], files
 
 
+def load_tokenizer(path) -> Tokenizer:
+    """tokenizer.path: a tokenizer file or directory, or a stage run directory (its checkpoint's
+    tokenizer: a student distilled from a teacher's run shares the teacher's tokenizer)."""
+    p = Path(path)
+    if p.is_dir() and any(c.name.isdigit() for c in p.iterdir()):
+        run, step = find_stage_checkpoint(p)
+        if step is not None:
+            files = RunCheckpointer(run, every=1, keep=1, async_save=False).tokenizer_files(step)
+            if not files:
+                raise ConfigError(f"tokenizer.path: the checkpoint {run}/{step} holds no tokenizer")
+            return Tokenizer.from_files(files)
+    return Tokenizer.load(path)
+
+
 def _tokenizer(cfg: Config, source, files: dict[str, bytes] | None) -> Tokenizer:
     if cfg.tokenizer.path:
-        return Tokenizer.load(cfg.tokenizer.path)
+        return load_tokenizer(cfg.tokenizer.path)
     if files:
         return Tokenizer.from_files(files)
     if cfg.tokenizer.train_vocab_size <= 0:

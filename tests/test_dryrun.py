@@ -1,0 +1,214 @@
+"""Dry runs at paper scale on a CPU: checks, per-device memory from abstract shapes, nothing allocated."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+import yaml
+
+from conftest import CONFIGS, ROOT
+from r1jax.config import ConfigError, MeshConfig, load_config, to_dict
+from r1jax.dryrun import GiB, check_fits, dry_run, plan_memory
+from r1jax.models.transformer import abstract_model
+from r1jax.summary import count_params
+from r1jax.train.state import abstract_train_state, make_context
+
+PAPER = CONFIGS / "paper"
+# Every paper config and the stage kind(s) it runs as (a YAML missing here fails
+# test_every_paper_config_is_listed).
+KINDS = {"r1_zero_grpo": ["grpo"], "r1_cold_start_sft": ["sft"], "r1_reasoning_grpo": ["grpo"],
+         "r1_rejection": ["rejection"], "r1_sft2": ["sft"], "r1_all_scenarios_grpo": ["grpo", "eval"],
+         "distill_qwen2.5_1.5b": ["distill"], "distill_qwen2.5_7b": ["distill"], "distill_llama3.1_8b": ["distill"]}
+
+
+def paper(name, *overrides):
+    return load_config(PAPER / f"{name}.yaml", list(overrides))
+
+
+def plain_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+_MEASURE = """
+import json, resource, sys
+import jax
+from r1jax.config import load_config
+from r1jax.dryrun import dry_run
+import r1jax.summary, r1jax.train.state  # imports are not what is measured
+cfg = load_config(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+text = dry_run(cfg, "grpo", devices=256)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"kib": after - before, "live": sum(x.nbytes for x in jax.live_arrays()), "text": text}))
+"""
+
+
+def test_r1_zero_671b_on_256_devices_allocates_nothing():
+    cfg = paper("r1_zero_grpo")
+    assert count_params(cfg.model).total > 600e9  # any real allocation of it would blow the bound below
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(PAPER / "r1_zero_grpo.yaml")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["kib"] * 1024 < 1 * GiB, res["kib"]  # peak RSS growth of the fresh process during the dry run
+    assert res["live"] < 2**20
+    text = res["text"]
+    print(text)
+    assert "on 256 devices, mesh data=1 fsdp=4 expert=64 tensor=1" in text
+    for item in ("params", "optimizer state", "reference params", "KV cache", "saved layer inputs", "peak estimate"):
+        assert item in text, item
+
+
+def test_params_and_moments_per_device_match_plain_arithmetic():
+    """671B on fsdp=4 x expert=64: every large array is split 256 ways, so per-device bytes are the
+    plain total over 256 (replicated norms are < 0.1%)."""
+    cfg = paper("r1_zero_grpo")
+    plan = plan_memory(cfg, "grpo", devices=256)
+    params_total = plain_bytes(abstract_train_state(make_context(cfg)).params)
+    opt_total = plain_bytes(abstract_train_state(make_context(cfg)).opt_state)
+    assert params_total > 600e9 * 2  # bfloat16
+    assert plan.item("params").bytes == pytest.approx(params_total / 256, rel=1e-3)
+    assert plan.item("optimizer state").bytes == pytest.approx(opt_total / 256, rel=1e-3)
+    assert plan.item("reference params").bytes == plan.item("params").bytes == plan.item("grads").bytes
+    # a dense student on 64-way FSDP
+    qwen = paper("distill_qwen2.5_7b")
+    q_plan = plan_memory(qwen, "distill")
+    assert q_plan.devices == 64
+    assert q_plan.item("params").bytes == pytest.approx(count_params(qwen.model).total * 2 / 64, rel=5e-3)
+
+
+def test_rollout_and_activation_terms_from_the_shapes():
+    cfg = paper("r1_zero_grpo")  # 512 prompts x 16 = 8192 rollouts of 33792 tokens; minibatch 512
+    plan = plan_memory(cfg, "grpo", devices=256)
+    m, s = cfg.model, cfg.train.seq_len
+    assert plan.item("KV cache").bytes == 8192 // 256 * s * 61 * (512 + 64) * 2  # MLA compressed cache, bf16
+    assert plan.item("saved layer inputs", "update").bytes == 61 * (512 // 256) * s * m.d_model * 2  # remat=full
+    # float32 logits, masked logits and softmax + bfloat16 probabilities and their gradient, per score
+    assert plan.item("MoE blocks: attention scores (one layer)", "update").bytes == 2 * 128 * s * s * (12 + 2 * 2)
+    assert plan.total > plan.persistent.total + plan.item("KV cache").bytes
+    no_kl = plan_memory(paper("r1_zero_grpo", "grpo.beta=0.0"), "grpo", devices=256)
+    with pytest.raises(KeyError):
+        no_kl.item("reference params")
+    assert plan.persistent.total - no_kl.persistent.total == plan.item("params").bytes
+
+
+def test_paper_hyperparameters():
+    z = paper("r1_zero_grpo")  # R1 v2 section 2.1
+    g = z.grpo
+    assert (z.optimizer.lr, g.beta, g.group_size, g.temperature, g.max_new_tokens) == (3e-6, 0.001, 16, 1.0, 32768)
+    assert g.prompts_per_step * g.group_size // g.minibatches == 512  # 32 questions x 16 per update
+    assert g.prompts_per_step * g.group_size == 8192 and g.minibatches == 16 and g.inner_epochs == 1
+    assert g.ref_refresh_every * g.minibatches == 400 and z.train.steps * g.minibatches == 10400
+    r = paper("r1_reasoning_grpo")  # section 3.2.1
+    assert (r.grpo.clip_low, r.grpo.rewards.language, r.data.template) == (10.0, 1.0, "r1")
+    assert paper("r1_all_scenarios_grpo").grpo.temperature == 0.7  # section 3.2.2
+    assert paper("r1_rejection").rejection.non_reasoning_ratio == 0.25  # ~200k of ~800k
+    lrs = {n: paper(n).optimizer.lr for n in ("distill_qwen2.5_1.5b", "distill_qwen2.5_7b", "distill_llama3.1_8b")}
+    assert lrs == {"distill_qwen2.5_1.5b": 1e-4, "distill_qwen2.5_7b": 8e-5, "distill_llama3.1_8b": 5e-5}
+
+
+def test_mesh_that_does_not_divide_the_model_names_the_key():
+    cfg = paper("r1_zero_grpo")
+    with pytest.raises(ConfigError, match=r"mesh\.expert: expert=7 does not divide model\.n_routed_experts=256"):
+        dry_run(dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=4, expert=7, tensor=1)), "grpo")
+    filled = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=-1, expert=64, tensor=1))
+    with pytest.raises(ConfigError, match=r"mesh\.fsdp: fsdp=3 does not divide model\.d_model=7168"):
+        dry_run(filled, "grpo", devices=192)  # fsdp fills 192 / 64 = 3
+    with pytest.raises(ConfigError, match=r"mesh\.fsdp: -1"):
+        dry_run(filled, "grpo")  # a -1 axis needs a device count
+    with pytest.raises(ConfigError, match=r"mesh\.fsdp: -1 cannot fill 100 devices"):
+        dry_run(filled, "grpo", devices=100)
+
+
+def test_batches_the_run_cannot_shard_name_the_key():
+    with pytest.raises(ConfigError, match=r"grpo\.prompts_per_step: 3 x group_size 16 = 48 rollouts"):
+        dry_run(paper("r1_zero_grpo", "grpo.prompts_per_step=3", "grpo.minibatches=1"), "grpo")
+    with pytest.raises(ConfigError, match=r"train\.seq_len: 32768 leaves no room"):
+        dry_run(paper("r1_zero_grpo", "train.seq_len=32768"), "grpo")
+    with pytest.raises(ConfigError, match=r"train\.batch_size: 64 rows do not split over the 128 batch shards"):
+        dry_run(paper("r1_sft2", "train.batch_size=64"), "sft")
+    with pytest.raises(ConfigError, match=r"distill\.teacher"):
+        dry_run(paper("distill_qwen2.5_1.5b", "distill.mode=logits"), "distill")  # no teacher named
+
+
+def test_every_paper_config_is_listed():
+    assert sorted(p.stem for p in PAPER.glob("*.yaml")) == sorted(KINDS)
+
+
+@pytest.mark.parametrize("name,kind", [(n, k) for n, ks in KINDS.items() for k in ks])
+def test_every_paper_config_loads_and_dry_runs(name, kind):
+    cfg = paper(name)
+    devices = math.prod(getattr(cfg.mesh, a) for a in ("data", "fsdp", "expert", "tensor"))
+    text = dry_run(cfg, kind, hbm_gib=141)
+    assert f"dry run: {kind} {cfg.name} on {devices} devices" in text
+    assert "params" in text and "peak estimate" in text and ("fits:" in text or "does NOT fit" in text)
+
+
+def test_logit_teacher_is_sized_from_its_checkpoint_config(tmp_path):
+    teacher = load_config(CONFIGS / "models" / "deepseek_r1.yaml").model
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(teacher)}))  # a params checkpoint's
+    cfg = paper("distill_qwen2.5_1.5b", "distill.mode=logits", f"distill.teacher={tmp_path}")
+    plan = plan_memory(cfg, "distill")
+    teacher_total = plain_bytes(abstract_model(teacher))  # params + router biases, all split over fsdp=64
+    t = plan.item("teacher params").bytes + plan.item("teacher router biases").bytes
+    assert t == pytest.approx(teacher_total / 64, rel=1e-2)
+    assert plan.item("teacher logits").bytes == 1 * 32768 * 129280 * 4
+    given = plan_memory(paper("distill_qwen2.5_1.5b", "distill.mode=logits", "distill.teacher=/nonexistent"),
+                        "distill", teacher=CONFIGS / "models" / "deepseek_r1.yaml")
+    assert given.item("teacher params") == plan.item("teacher params")
+
+
+def test_check_fits_verdict():
+    plan = plan_memory(paper("distill_qwen2.5_1.5b"), "distill")
+    assert check_fits(plan, plan.total / GiB + 1)[0]
+    ok, line = check_fits(plan, plan.total / GiB / 2)
+    assert not ok and "does NOT fit" in line and "attention scores" in line
+    assert line in dry_run(paper("distill_qwen2.5_1.5b"), "distill", hbm_gib=plan.total / GiB / 2)
+
+
+def test_logit_teacher_from_a_run_directory(tmp_path):
+    from r1jax.checkpoint import RunCheckpointer
+    from r1jax.train.state import init_train_state
+
+    tiny = load_config(CONFIGS / "models" / "tiny_v3.yaml", ["mesh.fsdp=1"])
+    ckpt = RunCheckpointer(tmp_path / "teacher", every=1, keep=1, async_save=False)
+    ckpt.save(3, init_train_state(make_context(tiny), jax.random.key(0)), {}, tiny, {})
+    ckpt.close()
+    cfg = paper("distill_qwen2.5_1.5b", "distill.mode=logits", f"distill.teacher={tmp_path / 'teacher'}")
+    plan = plan_memory(cfg, "distill")
+    assert any(f"teacher ({tmp_path / 'teacher'}/3/config)" in s for s in plan.summary), plan.summary
+    direct = plan_memory(cfg, "distill", teacher=tiny.model)
+    assert plan.item("teacher params") == direct.item("teacher params")
+    assert plan.item("teacher logits").bytes == 32768 * 512 * 4  # the tiny teacher's vocabulary
+
+
+DENSE = ["model.mtp_depth=0", "model.n_routed_experts=0", "model.first_k_dense_replace=0"]
+
+
+@pytest.mark.parametrize("overrides", [DENSE, []], ids=["dense", "moe+mtp"])
+def test_train_step_estimate_is_near_xla_memory_analysis(overrides):
+    """The activation estimate against the compiler's own account of a whole SFT step (tiny_v3, one
+    device, compiled only): within 20% of XLA's temp bytes (batch arrays are arguments, not temps)."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from r1jax.train.sft import BATCH_KEYS, sft_step
+
+    s, b = 1024, 4
+    cfg = load_config(CONFIGS / "models" / "tiny_v3.yaml",
+                      ["mesh.fsdp=1", "model.remat=full", f"train.seq_len={s}", f"train.batch_size={b}",
+                       "model.dtype=bfloat16", "model.param_dtype=bfloat16", *overrides])
+    ctx = make_context(cfg)
+    batch = {k: jax.ShapeDtypeStruct((b, s), jnp.int32) for k in BATCH_KEYS}
+    compiled = jax.jit(functools.partial(sft_step, ctx=ctx)).lower(abstract_train_state(ctx), batch, None).compile()
+    xla = compiled.memory_analysis().temp_size_in_bytes
+    (phase,) = plan_memory(cfg, "sft").phases
+    estimate = phase.total - plan_memory(cfg, "sft").item("batch arrays").bytes
+    assert abs(estimate - xla) < 0.2 * xla, (estimate / 2**20, xla / 2**20)

@@ -1,0 +1,222 @@
+"""The pipeline runner: a pipeline file's checks, and a small R1 pipeline (cold-start SFT -> GRPO ->
+rejection sampling -> logit distillation of a dense student -> evaluation) that, killed with SIGKILL
+in the middle of a stage and rerun with the same command, finishes with the same final metrics as an
+uninterrupted run without redoing the finished stages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS, ROOT
+from r1jax.config import ConfigError
+from r1jax.pipeline import heldout_accuracy, load_pipeline, stage_config
+
+TASK = """\
+data: {source: arithmetic, template: r1, min_digits: 1, max_digits: 2, ops: ["+"], size: 5000}
+train: {seq_len: 80, batch_size: 8, log_every: 1, eval_examples: 8, eval_max_new_tokens: 24}
+tokenizer: {train_vocab_size: 330, train_examples: 800}
+mesh: {data: 1, fsdp: -1, expert: 1, tensor: 1}
+"""
+FILES = {
+    "task.yaml": TASK,
+    "teacher.yaml": f"""base: [{CONFIGS / 'models' / 'tiny_v3.yaml'}, task.yaml]
+train: {{steps: 6, eval_every: 3}}
+optimizer: {{lr: 3e-3, warmup_steps: 0, schedule: constant}}
+checkpoint: {{every: 2, keep: 2, async_save: false}}
+""",
+    "grpo.yaml": """base: teacher.yaml
+train: {steps: 4, eval_every: 2}
+grpo: {group_size: 4, prompts_per_step: 4, max_new_tokens: 16, minibatches: 2, beta: 0.0, temperature: 1.0}
+""",
+    "rejection.yaml": """base: teacher.yaml
+rejection: {prompts: 8, samples_per_prompt: 2, prompts_per_batch: 4, max_new_tokens: 16}
+""",
+    "student.yaml": f"""base: [{CONFIGS / 'models' / 'tiny_qwen2.yaml'}, task.yaml]
+train: {{steps: 6, eval_every: 3}}
+optimizer: {{lr: 3e-3, warmup_steps: 0, schedule: constant}}
+distill: {{mode: logits, loss: forward_kl, temperature: 2.0}}
+checkpoint: {{every: 2, keep: 2, async_save: false}}
+""",
+    "eval.yaml": """base: teacher.yaml
+eval: {sets: [heldout], k: 2, examples: 8, max_new_tokens: 16}
+""",
+    "pipeline.yaml": """name: mini
+dir: RUN
+stages:
+  - {name: cold_start, kind: sft, config: teacher.yaml}
+  - {name: rl, kind: grpo, config: grpo.yaml, init_from: cold_start}
+  - {name: rejection, kind: rejection, config: rejection.yaml, init_from: rl}
+  - {name: student, kind: distill, config: student.yaml, teacher_from: rl}
+  - {name: eval_student, kind: eval, config: eval.yaml, init_from: student}
+""",
+}
+
+
+def write_pipeline(folder: Path, run: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in FILES.items():
+        (folder / name).write_text(text.replace("RUN", str(run)))
+    return folder / "pipeline.yaml"
+
+
+def env():
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def command(path):
+    return [sys.executable, "-m", "r1jax.cli", "pipeline", str(path)]
+
+
+TIMING = ("seconds", "how", "dataset", "tokens_per_s", "mfu", "samples_per_second", "sampling_tokens_per_s",
+          "training_tokens_per_s", "step_time")
+
+
+def untimed(obj):
+    """`obj` without wall-clock measurements (and without how the stage started)."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items()
+                if k not in TIMING and "per_s" not in k and not k.endswith("seconds")}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
+def final_metrics(run: Path) -> dict:
+    """What the pipeline ends with: each stage's summary minus wall-clock figures."""
+    out = {}
+    for stage in ("cold_start", "rl", "rejection", "student", "eval_student"):
+        out[stage] = untimed(json.loads((run / stage / "stage.json").read_text()))
+    out["eval_results"] = (run / "eval_student" / "heldout.jsonl").read_text()
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipe")
+    run = base / "run"
+    path = write_pipeline(base / "cfg", run)
+    r = subprocess.run(command(path), env=env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run, r
+
+
+def test_pipeline_runs_every_stage_and_writes_a_report(uninterrupted):
+    run, r = uninterrupted
+    report = (run / "report.md").read_text()
+    for stage in ("cold_start", "rl", "rejection", "student", "eval_student"):
+        assert (run / stage / "stage.json").is_file()
+        assert f"| {stage} |" in report
+    assert (run / "curves.png").stat().st_size > 1000
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The training stages' held-out accuracy is the last evaluation they logged.
+    for stage in ("cold_start", "rl", "student"):
+        s = json.loads((run / stage / "stage.json").read_text())
+        logged = [json.loads(line) for line in (run / stage / "evals.jsonl").read_text().splitlines()]
+        assert heldout_accuracy(s) == logged[-1]["accuracy"]
+        assert f"{heldout_accuracy(s):.1%}" in report
+    ev = json.loads((run / "eval_student" / "stage.json").read_text())["sets"]["heldout"]
+    rows = [json.loads(line) for line in (run / "eval_student" / "heldout.jsonl").read_text().splitlines()]
+    assert len(rows) == ev["n"] == 8 and all(len(row["samples"]) == 2 for row in rows)
+    assert ev["pass@1"] == sum(row["n_correct"] for row in rows) / (2 * 8)
+    rej = json.loads((run / "rejection" / "stage.json").read_text())
+    assert rej["samples"] == 16 and rej["accepted"] + sum(rej["rejected"].values()) == 16
+    # A second run of the same command does nothing but report.
+    again = subprocess.run(command(run.parent / "cfg" / "pipeline.yaml"), env=env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("finished earlier; skipped") == 5
+
+
+def _kill_when(path: Path, proc: subprocess.Popen, predicate, timeout: float = 600) -> None:
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"pipeline exited ({proc.returncode}) before the kill point: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("kill point never reached")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("kill_in", ["rl", "student"])
+def test_sigkill_then_rerun_gives_the_same_final_metrics(uninterrupted, tmp_path, kill_in):
+    """SIGKILL once the stage `kill_in` has written its first checkpoint (mid-stage), rerun: the finished
+    stages are skipped (their stage.json untouched) and every final metric equals the uninterrupted run's."""
+    ref_run, _ = uninterrupted
+    run = tmp_path / "run"
+    path = write_pipeline(tmp_path / "cfg", run)
+    proc = subprocess.Popen(command(path), env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    stage_dir = run / kill_in
+    _kill_when(stage_dir, proc, lambda: stage_dir.is_dir() and any(
+        p.name.isdigit() and (p / "state").is_dir() for p in stage_dir.iterdir()))
+    assert not (stage_dir / "stage.json").exists()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in run.glob("*/stage.json")}
+    assert "cold_start" in finished
+    r = subprocess.run(command(path), env=env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, mtime in finished.items():
+        assert (run / name / "stage.json").stat().st_mtime_ns == mtime, f"{name} was redone"
+        assert f"stage {name} ({json.loads((run / name / 'stage.json').read_text())['kind']}) finished earlier" \
+            in r.stderr
+    assert json.loads((run / kill_in / "stage.json").read_text())["how"] == "resume"
+    assert final_metrics(run) == final_metrics(ref_run)
+
+
+def test_pipeline_file_errors_name_the_key(tmp_path):
+    path = write_pipeline(tmp_path / "cfg", tmp_path / "run")
+    good = path.read_text()
+
+    def bad(text, match):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            load_pipeline(path)
+
+    bad(good.replace("name: mini", "name: mini\nstagez: []"), r"pipeline.yaml: stagez: unknown key")
+    bad(good.replace("init_from: rl}", "init_from: rll}"), r"stage rejection.init_from: 'rll' is neither an earlier")
+    bad(good.replace("kind: grpo", "kind: ppo"), r"stage rl.kind: expected one of")
+    bad(good.replace("grpo.yaml", "nope.yaml"), r"stage rl.config: .*nope.yaml: not found")
+    bad(good.replace("teacher_from: rl}", "data_from: rl}"), r"stage student.data_from: 'rl' is a grpo stage")
+    bad(good.replace("- {name: rl,", "- {name: cold_start,"), r"stage cold_start: a second stage")
+    bad(good.replace("dir: ", "dirr: "), r"dirr: unknown key")
+    path.write_text(good)
+    with pytest.raises(ConfigError, match=r"overrides name unknown stages: nosuch"):
+        load_pipeline(path, ["nosuch.train.steps=3"])
+    pipe = load_pipeline(path, ["rl.train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"train.stepz: unknown key"):
+        stage_config(pipe, pipe.stages[1])
+
+
+def test_stage_wiring(tmp_path):
+    run = tmp_path / "run"
+    pipe = load_pipeline(write_pipeline(tmp_path / "cfg", run), ["rl.train.steps=7", f"dir={run}"])
+    cfgs = {s.name: stage_config(pipe, s) for s in pipe.stages}
+    assert cfgs["rl"].train.steps == 7 and cfgs["cold_start"].train.steps == 6
+    assert cfgs["rl"].checkpoint.init_from == str(run / "cold_start")
+    assert cfgs["student"].distill.teacher == str(run / "rl")
+    assert cfgs["student"].tokenizer.path == str(run / "rl")  # logits: the teacher's tokenizer
+    assert cfgs["eval_student"].checkpoint.init_from == str(run / "student")
+    for name, cfg in cfgs.items():
+        assert cfg.checkpoint.dir == str(run / name)
+
+
+def test_data_from_a_rejection_stage_trains_on_its_dataset(tmp_path):
+    path = write_pipeline(tmp_path / "cfg", tmp_path / "run")
+    path.write_text(path.read_text().replace("teacher_from: rl}", "data_from: rejection}"))
+    (tmp_path / "cfg" / "student.yaml").write_text(FILES["student.yaml"].replace("mode: logits", "mode: sequence"))
+    pipe = load_pipeline(path)
+    cfg = stage_config(pipe, pipe.stages[3])
+    data = tmp_path / "run" / "rejection" / "dataset"
+    assert cfg.data.train_path == str(data / "train.jsonl") and cfg.data.source == "arithmetic"
+    assert cfg.tokenizer.path == str(data / "tokenizer")
