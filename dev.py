@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The two set-up commands of r1jax, needing only Python 3.11+.
 
-    python3 dev.py run     # create .venv if needed, install r1jax, run the main job
+    python3 dev.py run     # create .venv if needed, install r1jax, run the main job (the tiny R1 pipeline)
     python3 dev.py test    # create .venv if needed, install r1jax[test], run the test suite
 
 Extra arguments after `run` go to the main job; after `test` they go to pytest.
@@ -44,7 +44,9 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if cmd == "run":
         _ensure_env("")
-        return subprocess.call([str(PY), "-m", "r1jax.cli", "demo", *rest], cwd=ROOT, env=env)
+        # The main job: the tiny R1 pipeline (configs/tiny_r1), resumable; extra arguments are its overrides.
+        return subprocess.call([str(PY), "-m", "r1jax.cli", "pipeline", "configs/tiny_r1/pipeline.yaml", *rest],
+                               cwd=ROOT, env=env)
     extras = "test"
     if "--reference" in rest:
         rest.remove("--reference")

@@ -364,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.fn(args)
     except (ConfigError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e)
+        if isinstance(e, ConfigError) and msg.startswith("command line") and getattr(args, "config", None):
+            msg = f"{args.config}: {msg}"  # an override that does not fit this config file
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)

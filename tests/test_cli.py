@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,3 +59,80 @@ def test_main_job_runs(tmp_path):
 def test_dev_script_usage(script):
     r = subprocess.run([sys.executable, str(ROOT / script)], capture_output=True, text=True)
     assert r.returncode == 2 and "python3 dev.py run" in r.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage commands in a child process: --dry-run plans, one-line errors with exit 2
+# --------------------------------------------------------------------------------------------------
+
+# Runs r1jax.cli.main, then prints the child's peak resident set size. VmHWM is the high-water mark of
+# this process image only (ru_maxrss would also count the forking parent's pages from before exec).
+_MEASURED_MAIN = """
+import re, sys
+from pathlib import Path
+from r1jax.cli import main
+rc = main(sys.argv[1:])
+hwm = re.search(r"^VmHWM:\\s+(\\d+) kB$", Path("/proc/self/status").read_text(), re.MULTILINE)
+print(f"peak_rss_kib {hwm.group(1)}")
+sys.exit(rc)
+"""
+
+
+def _cli(*args, measured=False):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(ROOT))
+    head = ["-c", _MEASURED_MAIN] if measured else ["-m", "r1jax.cli"]
+    return subprocess.run([sys.executable, *head, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _one_line_error(r) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    return lines[0]
+
+
+def test_pipeline_dry_run_plans_every_stage_of_r1_without_allocating():
+    import yaml
+
+    path = CONFIGS / "paper" / "pipelines" / "r1.yaml"
+    stages = yaml.safe_load(path.read_text())["stages"]
+    r = _cli("pipeline", path, "--dry-run", measured=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    blocks = r.stdout.split("== stage ")[1:]
+    assert [b.split(" ", 1)[0] for b in blocks] == [s["name"] for s in stages] and len(blocks) == 7
+    for block, stage in zip(blocks, stages, strict=True):
+        assert block.startswith(f"{stage['name']} ({stage['kind']}, {Path(stage['config']).name})"), block[:200]
+        assert "memory per device" in block and "peak estimate" in block, block[:2000]
+    assert "671.03B params" in blocks[0]  # the full DeepSeek-V3 was planned, not a stand-in
+    peak_kib = int(r.stdout.strip().splitlines()[-1].removeprefix("peak_rss_kib "))
+    assert 0 < peak_kib < 2 * 2**20, f"dry run peaked at {peak_kib / 2**20:.2f} GiB resident"
+
+
+def test_dry_run_bad_mesh_override_names_key_and_file():
+    cfg = CONFIGS / "paper" / "r1_zero_grpo.yaml"
+    line = _one_line_error(_cli("grpo", cfg, "--dry-run", "mesh.expert=7"))
+    assert "r1_zero_grpo.yaml" in line and "mesh.expert" in line, line
+
+
+def test_pipeline_bad_file_is_one_line_naming_file_and_key(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    for extra in ((), ("--dry-run",)):
+        line = _one_line_error(_cli("pipeline", missing, *extra))
+        assert str(missing) in line and "not found" in line, line
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: x\ndir: {tmp_path / 'run'}\nstages:\n"
+                   f"  - {{name: a, kind: sft, config: {CONFIGS / 'tiny_r1' / 'cold_start.yaml'}, bogus_key: 1}}\n")
+    for extra in ((), ("--dry-run",)):
+        line = _one_line_error(_cli("pipeline", bad, *extra))
+        assert str(bad) in line and "bogus_key" in line and "unknown key" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_without_a_checkpoint_names_the_path(tmp_path):
+    empty = tmp_path / "no_checkpoint"
+    empty.mkdir()
+    line = _one_line_error(_cli("eval", CONFIGS / "tiny_r1" / "eval.yaml", f"checkpoint.init_from={empty}"))
+    assert str(empty) in line and "checkpoint" in line.removeprefix(f"error: {empty}"), line
+    assert list(empty.iterdir()) == []  # nothing written into it

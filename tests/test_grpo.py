@@ -2,9 +2,7 @@
 DeepSeekMath eqs. 3-4 (clipped surrogate, k3 KL), DAPO (clip-higher, token-mean, overlong),
 Dr. GRPO (no std, sum-norm), GSPO (sequence ratio); losses and their gradients, with padding."""
 
-import functools
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from conftest import CONFIGS
 from r1jax import cli

@@ -220,3 +220,18 @@ def test_data_from_a_rejection_stage_trains_on_its_dataset(tmp_path):
     data = tmp_path / "run" / "rejection" / "dataset"
     assert cfg.data.train_path == str(data / "train.jsonl") and cfg.data.source == "arithmetic"
     assert cfg.tokenizer.path == str(data / "tokenizer")
+
+
+@pytest.mark.parametrize("path", [CONFIGS / "tiny_r1" / "pipeline.yaml", CONFIGS / "paper" / "pipelines" / "r1.yaml",
+                                  CONFIGS / "paper" / "pipelines" / "r1_zero.yaml"])
+def test_shipped_pipelines_load_and_dry_run(path):
+    """The main job's pipeline and the paper pipelines: every stage config loads with its wiring and
+    passes the dry-run checks (shapes only; nothing allocated)."""
+    from r1jax.dryrun import dry_run
+
+    pipe = load_pipeline(path)
+    for spec in pipe.stages:
+        cfg = stage_config(pipe, spec)
+        assert cfg.checkpoint.dir == str(pipe.stage_dir(spec.name))
+        report = dry_run(cfg, spec.kind, devices=None if "paper" in str(path) else 1)
+        assert "memory per device" in report

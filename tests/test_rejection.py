@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import os
+import pickle
 import sys
 import tempfile
 from collections import Counter
@@ -297,12 +298,17 @@ def test_written_dataset_reads_back_through_jsonl_and_tfds(tmp_path):
     from r1jax.data import tfds_builders
 
     examples, report = _kept_examples()
+    # extras of every JSON kind, and text outside ASCII, must come back from tfds as they went in
+    examples.append({"id": "extra:0", "question": "Combien font 2 + 2 ?", "reasoning": "deux et deux — quatre",
+                     "answer": "4", "meta": {"n": 3, "tags": ["é", None, True]}, "score": 0.5})
+    assert {type(v) for ex in examples for k, v in ex.items() if k not in tfds_builders.TEXT_FIELDS} > {str}
     paths = write_dataset(examples, tmp_path / "out", report=report)
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging left behind
     assert json.loads(Path(paths["report"]).read_text())["total"] == report["total"]
 
     via_jsonl = make_source(DataConfig(source="jsonl", path=paths["jsonl"]), "train")
-    assert [via_jsonl[i] for i in range(len(via_jsonl))] == examples
+    jsonl_records = [via_jsonl[i] for i in range(len(via_jsonl))]
+    assert jsonl_records == examples
 
     encode = EncodeSFT(tokenizer(), "r1_zero", 512)
     for ex in examples:
@@ -311,16 +317,33 @@ def test_written_dataset_reads_back_through_jsonl_and_tfds(tmp_path):
         completion = tokenizer().decode(row["inputs"][row["loss_mask"]].tolist(), skip_special=True)
         assert f"<think> {ex['reasoning']} </think> <answer> {ex['answer']} </answer>" in completion
 
-    ds = tfds.data_source(paths["tfds_name"], split="train", data_dir=paths["tfds_data_dir"])
-    assert [rejection.tfds_record(ds[i]) for i in range(len(ds))] == examples
+    # The SFT stage's tfds source: the full records of train.jsonl, in its order.
+    assert paths["tfds_data_dir"] == str(tmp_path / "out" / "tfds")
+    src = make_source(DataConfig(source="tfds", name="samples", path=paths["tfds_data_dir"]), "train")
+    assert isinstance(src, tfds_builders.TfdsSource)
+    assert [src[i] for i in range(len(src))] == jsonl_records
+    assert pickle.loads(pickle.dumps(src))[len(src) - 1] == jsonl_records[-1]
+    # plain tfds reads it too, under the name and split the report gives
+    dataset = json.loads(Path(paths["report"]).read_text())["dataset"]
+    assert (dataset["tfds_name"], dataset["tfds_split"]) == (paths["tfds_name"], "train")
+    assert tfds_builders.R1jaxSamples.SPLITS == (dataset["tfds_split"],)
+    ds = tfds.data_source(dataset["tfds_name"], split=dataset["tfds_split"], data_dir=paths["tfds_data_dir"])
+    assert [tfds_builders.R1jaxSamples.to_record(ds[i]) for i in range(len(ds))] == examples
     assert "tensorflow" not in sys.modules
 
-    # The SFT stage's tfds source, once the builder is registered in tfds_builders.BUILDERS.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(tfds_builders.BUILDERS, "samples", rejection._tfds_builder_class())
-        src = make_source(DataConfig(source="tfds", name="samples", path=paths["tfds_data_dir"]), "train")
-        fields = ("id", "question", "reasoning", "answer")
-        assert [src[i] for i in range(len(src))] == [{k: ex[k] for k in fields} for ex in examples]
+    with pytest.raises(DataError, match="no split 'test'"):
+        make_source(DataConfig(source="tfds", name="samples", path=paths["tfds_data_dir"]), "test")
+    with pytest.raises(DataError, match="not prepared from shipped files.*rejection"):
+        tfds_builders.prepare("samples", tmp_path / "elsewhere")
+
+
+def test_empty_dataset_has_no_tfds_and_says_so(tmp_path):
+    paths = write_dataset([], tmp_path / "out", report={})
+    assert sorted(os.listdir(tmp_path / "out")) == ["report.json", "train.jsonl"]
+    assert paths["tfds_name"] is None
+    assert json.loads(Path(paths["report"]).read_text())["dataset"]["tfds_name"] is None
+    with pytest.raises(DataError, match=f"{paths['tfds_data_dir']}: no prepared r1jax_samples.*only train.jsonl"):
+        make_source(DataConfig(source="tfds", name="samples", path=paths["tfds_data_dir"]), "train")
 
 
 def test_write_refuses_to_overwrite_and_loses_nothing_on_error(tmp_path):

@@ -1,10 +1,13 @@
-"""The shipped evaluation sets as TensorFlow Datasets builders, stored as array_record, no TensorFlow.
+"""TensorFlow Datasets builders stored as array_record, no TensorFlow: the shipped evaluation sets and
+the SFT sample sets that rejection sampling writes.
 
-`prepare(name, data_dir)` writes a set with `file_format="array_record"` from the JSONL files in
-`r1jax/data/eval/` (nothing is downloaded). `tfds_source(name, split, data_dir)` reads it back with
-`tfds.data_source` as a grain random-access source of the same records `sources.EVAL_SETS` gives,
-in the same order (the builders disable tfds's shuffling). Neither path imports TensorFlow:
-tfds encodes and decodes text features with its own protobuf code when TF is absent.
+`prepare(name, data_dir)` writes an eval set with `file_format="array_record"` from the JSONL files in
+`r1jax/data/eval/` (nothing is downloaded); `write_samples(examples, data_dir)` writes SFT examples
+(r1jax.train.rejection.write_dataset puts them in out_dir/tfds). `tfds_source(name, split, data_dir)`
+reads either back with `tfds.data_source` as a grain random-access source, in the written order (the
+builders disable tfds's shuffling): an eval set gives the records `sources.EVAL_SETS` gives, the
+"samples" set the records of the rejection dataset's train.jsonl. No path imports TensorFlow: tfds
+encodes and decodes text features with its own protobuf code when TF is absent.
 
 The builders stay out of tfds's global catalog (`skip_registration`), so re-importing this module
 never collides; `tfds.data_source` finds a prepared set by name from the files in `data_dir`.
@@ -12,7 +15,11 @@ never collides; `tfds.data_source` finds a prepared set by name from the files i
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -32,6 +39,12 @@ class _EvalSetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     SPLITS: tuple[str, ...] = ("test",)
     HOMEPAGE = ""
     CITATION = ""
+    HOW_TO_PREPARE = "run r1jax.data.tfds_builders.prepare({name!r}, data_dir)"
+
+    @staticmethod
+    def to_record(example: Mapping[str, Any]) -> dict[str, Any]:
+        """A decoded tfds example (bytes per feature) -> the record {"id", "question", "reasoning", "answer"}."""
+        return {k: _text(example[k]) for k in TEXT_FIELDS}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -78,22 +91,68 @@ class R1jaxAime2024(_EvalSetBuilder, skip_registration=True):
     HOMEPAGE = "https://github.com/sail-sg/understand-r1-zero"
 
 
-BUILDERS: dict[str, type[_EvalSetBuilder]] = {
+class R1jaxSamples(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """SFT examples (rejection sampling output), one split "train", in the order given.
+
+    id/question/reasoning/answer are text features; every other field of an example is JSON in the
+    text feature "extras" and merged back by `to_record`. `examples` is needed only to write; a
+    builder made without it reads a prepared set.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Written by r1jax.train.rejection.write_dataset."}
+    SPLITS: tuple[str, ...] = ("train",)
+    HOW_TO_PREPARE = ("the rejection stage writes it as <out_dir>/tfds (r1jax.train.rejection.write_dataset); "
+                      "a dataset with no examples has only train.jsonl")
+
+    def __init__(self, *, examples: Sequence[Mapping[str, Any]] | None = None, **kwargs):
+        self._examples = examples
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def to_record(example: Mapping[str, Any]) -> dict[str, Any]:
+        """A decoded tfds example (bytes per feature) -> the example as written (its line of train.jsonl)."""
+        return {**{k: _text(example[k]) for k in TEXT_FIELDS}, **json.loads(_text(example["extras"]))}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="SFT examples from r1jax rejection sampling; 'extras' holds the other fields as JSON.",
+            features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in (*TEXT_FIELDS, "extras")}),
+            disable_shuffling=True,  # record i == line i of train.jsonl
+        )
+
+    def _split_generators(self, dl_manager) -> dict[str, Any]:
+        del dl_manager  # local files only
+        if self._examples is None:
+            raise DataError(f"{self.name}: no examples to write (R1jaxSamples(examples=...) writes; see write_samples)")
+        return {self.SPLITS[0]: self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, ex in enumerate(self._examples):
+            extras = {k: v for k, v in ex.items() if k not in TEXT_FIELDS}
+            yield i, {**{k: ex[k] for k in TEXT_FIELDS}, "extras": json.dumps(extras, ensure_ascii=False)}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+BUILDERS: dict[str, type[_EvalSetBuilder] | type[R1jaxSamples]] = {
     "gsm8k": R1jaxGsm8k,
     "math500": R1jaxMath500,
     "aime2024": R1jaxAime2024,
+    "samples": R1jaxSamples,
 }
 
 
-def _builder_class(name: str) -> type[_EvalSetBuilder]:
+def _builder_class(name: str) -> type[_EvalSetBuilder] | type[R1jaxSamples]:
     if name not in BUILDERS:
-        raise DataError(f"unknown tfds eval set {name!r}; known: {', '.join(BUILDERS)}")
+        raise DataError(f"unknown tfds set {name!r}; known: {', '.join(BUILDERS)}")
     return BUILDERS[name]
 
 
-def prepare(name: str, data_dir: str | os.PathLike) -> None:
-    """Write eval set `name` (a key of BUILDERS) under `data_dir` as array_record; no-op if present."""
-    builder = _builder_class(name)(data_dir=os.fspath(data_dir), file_format="array_record")
+def _download_and_prepare(builder: tfds.core.GeneratorBasedBuilder) -> None:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
@@ -103,10 +162,34 @@ def prepare(name: str, data_dir: str | os.PathLike) -> None:
     )
 
 
-class TfdsSource:
-    """Random-access records of a prepared eval set; holds only names, opens on first use per process.
+def prepare(name: str, data_dir: str | os.PathLike) -> None:
+    """Write eval set `name` (a key of BUILDERS) under `data_dir` as array_record; no-op if present."""
+    cls = _builder_class(name)
+    if not issubclass(cls, _EvalSetBuilder):
+        raise DataError(f"tfds set {name!r} is not prepared from shipped files: {cls.HOW_TO_PREPARE}")
+    _download_and_prepare(cls(data_dir=os.fspath(data_dir), file_format="array_record"))
 
-    Records are {"id", "question", "reasoning", "answer"} as str, equal to the JSONL source's.
+
+def write_samples(examples: Sequence[Mapping[str, Any]], data_dir: str | os.PathLike) -> str:
+    """Write SFT `examples` (dicts with str id/question/reasoning/answer, other fields JSON-serialisable)
+    under `data_dir` as the array_record set "samples", split "train"; return the tfds name
+    ("r1jax_samples"). tfds cannot hold an empty split: `examples` must not be empty."""
+    if not examples:
+        raise DataError(f"{data_dir}: no examples; tfds cannot hold an empty split")
+    data_dir = Path(data_dir)
+    builder = R1jaxSamples(examples=examples, data_dir=os.fspath(data_dir), file_format="array_record")
+    _download_and_prepare(builder)
+    downloads = data_dir / "downloads"  # tfds makes it even when nothing is downloaded
+    if downloads.is_dir() and not any(p.is_file() for p in downloads.rglob("*")):
+        shutil.rmtree(downloads)
+    return builder.name
+
+
+class TfdsSource:
+    """Random-access records of a prepared set; holds only names, opens on first use per process.
+
+    Records are what the builder's `to_record` gives: for an eval set {"id", "question", "reasoning",
+    "answer"} as str, equal to the JSONL source's; for "samples" the full examples of train.jsonl.
     """
 
     def __init__(self, name: str, split: str, data_dir: str | os.PathLike):
@@ -118,11 +201,11 @@ class TfdsSource:
 
     def _data_source(self):
         if self._source is None or self._pid != os.getpid():
-            builder = _builder_class(self.name)(data_dir=self.data_dir)
+            cls = _builder_class(self.name)
+            builder = cls(data_dir=self.data_dir)
             if not builder.is_prepared():
                 raise DataError(
-                    f"{self.data_dir}: no prepared {self.builder_name}; run r1jax.data.tfds_builders.prepare"
-                    f"({self.name!r}, data_dir)"
+                    f"{self.data_dir}: no prepared {self.builder_name}; {cls.HOW_TO_PREPARE.format(name=self.name)}"
                 )
             if self.split not in builder.info.splits:
                 raise DataError(f"{self.name}: no split {self.split!r}; has {', '.join(builder.info.splits)}")
@@ -133,9 +216,8 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._data_source())
 
-    def __getitem__(self, i: int) -> dict[str, str]:
-        example = self._data_source()[i]
-        return {k: example[k].decode("utf-8") for k in TEXT_FIELDS}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return _builder_class(self.name).to_record(self._data_source()[i])
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_source": None, "_pid": None}
@@ -145,5 +227,5 @@ class TfdsSource:
 
 
 def tfds_source(name: str, split: str, data_dir: str | os.PathLike) -> TfdsSource:
-    """The prepared eval set `name`/`split` under `data_dir` as a grain random-access source."""
+    """The prepared set `name` (a key of BUILDERS), `split`, under `data_dir` as a grain random-access source."""
     return TfdsSource(name, split, data_dir)

@@ -41,12 +41,11 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from r1jax.sharding import constrain
 from r1jax.train.losses import token_cross_entropy
-from r1jax.train.sft import BATCH_KEYS, microbatches, update_router_bias
+from r1jax.train.sft import BATCH_KEYS, apply_gradients, microbatches
 from r1jax.train.state import StepContext, TrainState
 
 Kind = Literal["forward_kl", "reverse_kl", "jsd"]
@@ -227,24 +226,10 @@ def distill_step(state: TrainState, teacher_params: nnx.State, teacher_bias: nnx
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, totals), _ = jax.lax.scan(accumulate, (zeros, stat_zeros), microbatches(batch, a))
 
-    updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": totals["distill_sum"] / norm["tokens"],
-        "ce": totals["ce_sum"] / norm["tokens"],
-        "objective": totals["objective"],
-        "grad_norm": optax.tree.norm(grads),
-        "lr": ctx.schedule(state.step),
-        "tokens": totals["tokens"],
-        "seq_tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)),
-    }
-    bias = state.router_bias
-    if cfg.model.is_moe:
-        bias = update_router_bias(bias, {"moe": totals["load"]}, cfg.train.bias_update_speed)
-        load = totals["load"]
-        metrics["balance_loss"] = totals["balance"] / a
-        metrics["load_max_over_mean"] = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias)
+    metrics = {"loss": totals["distill_sum"] / norm["tokens"], "ce": totals["ce_sum"] / norm["tokens"],
+               "objective": totals["objective"]}
+    new_state, more = apply_gradients(state, grads, totals, batch, a, ctx=ctx)
+    metrics.update(more)
     return new_state, metrics
 
 

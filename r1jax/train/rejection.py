@@ -37,7 +37,7 @@ from r1jax.rewards.accuracy import extract_answer, is_code_record
 from r1jax.rewards.code import extract_program
 from r1jax.rewards.combine import score_components
 from r1jax.rewards.format import format_reward
-from r1jax.rewards.language import LANGUAGE_PREDICATES, language_consistency
+from r1jax.rewards.language import language_consistency
 from r1jax.tokenizer import TEMPLATES
 
 ACCEPTED = "ok"
@@ -205,7 +205,8 @@ def sft_example(record: Mapping[str, Any], completion: str, index: int) -> dict[
     "reasoning" and "answer" (what tokenizer.render_completion puts in <think> and <answer>), plus
     "id" = "{record id}#{index}", "prompt_id", "source" and "reference_answer" (the record's answer)."""
     reasoning, answer = split_completion(completion)
-    example = {k: v for k, v in record.items() if k not in ("id", "reasoning", "answer")}
+    # target_answer (a flawed demonstration's stated answer) goes too: the example states the sample's.
+    example = {k: v for k, v in record.items() if k not in ("id", "reasoning", "answer", "target_answer")}
     example.update(id=f"{record['id']}#{index}", prompt_id=str(record["id"]), source=source_of(record),
                    question=record["question"], reasoning=reasoning, answer=answer)
     if "answer" in record:
@@ -334,54 +335,7 @@ def mix(reasoning_examples: Sequence[Mapping[str, Any]], non_reasoning_examples:
 
 
 TFDS_DIR = "tfds"  # out_dir/TFDS_DIR is the data_dir of the array_record dataset
-TFDS_SPLIT = "train"
-TFDS_TEXT = ("id", "question", "reasoning", "answer")  # = tfds_builders.TEXT_FIELDS; the rest: "extras", JSON
-
-
-def _tfds_builder_class():
-    """The tfds builder of SFT sample sets (defined on first use: importing tfds takes seconds)."""
-    global _BUILDER
-    if _BUILDER is None:
-        import tensorflow_datasets as tfds
-
-        class R1jaxSamples(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-            """SFT examples (rejection sampling output), one split "train", in the order given."""
-
-            VERSION = tfds.core.Version("1.0.0")
-            RELEASE_NOTES = {"1.0.0": "Written by r1jax.train.rejection.write_dataset."}
-
-            def __init__(self, *, examples: Sequence[Mapping[str, Any]] | None = None, **kwargs):
-                self._examples = examples
-                super().__init__(**kwargs)
-
-            def _info(self):
-                return tfds.core.DatasetInfo(
-                    builder=self,
-                    description="SFT examples from r1jax rejection sampling; 'extras' holds the other fields as JSON.",
-                    features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in (*TFDS_TEXT, "extras")}),
-                    disable_shuffling=True,  # record i == line i of train.jsonl
-                )
-
-            def _split_generators(self, dl_manager):
-                del dl_manager
-                return {TFDS_SPLIT: self._generate_examples()}
-
-            def _generate_examples(self):
-                for i, ex in enumerate(self._examples):
-                    extras = {k: v for k, v in ex.items() if k not in TFDS_TEXT}
-                    yield i, {**{k: ex[k] for k in TFDS_TEXT}, "extras": json.dumps(extras, ensure_ascii=False)}
-
-        _BUILDER = R1jaxSamples
-    return _BUILDER
-
-
-_BUILDER = None
-
-
-def tfds_record(example: Mapping[str, Any]) -> dict[str, Any]:
-    """A decoded tfds example (bytes per feature) -> the record as written to train.jsonl."""
-    text = {k: (v.decode("utf-8") if isinstance(v, bytes) else str(v)) for k, v in example.items()}
-    return {**{k: text[k] for k in TFDS_TEXT}, **json.loads(text["extras"])}
+TFDS_SPLIT = "train"  # = tfds_builders.R1jaxSamples.SPLITS[0]
 
 
 def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
@@ -409,16 +363,9 @@ def _write_jsonl(examples: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def _write_tfds(examples: Sequence[Mapping[str, Any]], data_dir: Path) -> str:
-    import tensorflow_datasets as tfds
+    from r1jax.data import tfds_builders  # imports tensorflow_datasets: seconds, so only when writing
 
-    builder = _tfds_builder_class()(examples=examples, data_dir=os.fspath(data_dir), file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-        compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False))
-    downloads = data_dir / "downloads"  # tfds makes it even when nothing is downloaded
-    if downloads.is_dir() and not any(p.is_file() for p in downloads.rglob("*")):
-        shutil.rmtree(downloads)
-    return builder.name
+    return tfds_builders.write_samples(examples, data_dir)
 
 
 def write_dataset(examples: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
@@ -427,9 +374,8 @@ def write_dataset(examples: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
 
     out_dir/train.jsonl   one example per line (data.source=jsonl, data.path=that file);
     out_dir/tfds/         array_record tfds dataset "r1jax_samples", split "train", same records in the
-                          same order (`tfds.data_source("r1jax_samples", split="train", data_dir=...)`;
-                          fields other than id/question/reasoning/answer are JSON in "extras", see
-                          `tfds_record`);
+                          same order (data.source=tfds, data.name=samples, data.path=that directory;
+                          see r1jax.data.tfds_builders.R1jaxSamples);
     out_dir/report.json   `report` plus {"dataset": {"examples", "tfds_name", "tfds_split"}}.
     With no examples there is no tfds dataset (tfds_name None).
 

@@ -108,29 +108,37 @@ def sft_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContext
     stat_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(first[0][1], objective=first[0][0]))
     (grads, totals), _ = jax.lax.scan(accumulate, (zeros, stat_zeros), microbatches(batch, a))
 
+    metrics = {"loss": totals["ce_sum"] / norm["tokens"], "objective": totals["objective"]}
+    new_state, more = apply_gradients(state, grads, totals, batch, a, ctx=ctx)
+    metrics.update(more)
+    if "mtp_sum" in totals:
+        metrics["mtp_loss"] = jnp.mean(totals["mtp_sum"] / norm["mtp_tokens"])
+    return new_state, metrics
+
+
+def apply_gradients(state: TrainState, grads, totals: dict, batch: dict, n_micro: int, *,
+                    ctx: StepContext) -> tuple[TrainState, dict]:
+    """The optimizer step on summed `grads`, then (MoE) the aux-loss-free bias update from the step's
+    expert loads in `totals` ("load", optionally "mtp_load"; "balance" summed over `n_micro`
+    microbatches). Returns the new state and the step's shared metrics (grad_norm, lr, tokens, load)."""
     updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss": totals["ce_sum"] / norm["tokens"],
-        "objective": totals["objective"],
         "grad_norm": optax.tree.norm(grads),
         "lr": ctx.schedule(state.step),
         "tokens": totals["tokens"],
         "seq_tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)),
     }
     bias = state.router_bias
-    if cfg.model.is_moe:
+    if ctx.cfg.model.is_moe:
         loads = {"moe": totals["load"]}
         if "mtp_load" in totals:
             loads["mtp"] = totals["mtp_load"]
-        bias = update_router_bias(bias, loads, cfg.train.bias_update_speed)
+        bias = update_router_bias(bias, loads, ctx.cfg.train.bias_update_speed)
         load = totals["load"]
-        metrics["balance_loss"] = totals["balance"] / a
+        metrics["balance_loss"] = totals["balance"] / n_micro
         metrics["load_max_over_mean"] = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
-    if "mtp_sum" in totals:
-        metrics["mtp_loss"] = jnp.mean(totals["mtp_sum"] / norm["mtp_tokens"])
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias)
-    return new_state, metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias), metrics
 
 
 # --------------------------------------------------------------------------------------------------
