@@ -150,27 +150,29 @@ def _kill_when(path: Path, proc: subprocess.Popen, predicate, timeout: float = 6
     proc.wait()
 
 
-@pytest.mark.parametrize("kill_in", ["rl", "student"])
-def test_sigkill_then_rerun_gives_the_same_final_metrics(uninterrupted, tmp_path, kill_in):
-    """SIGKILL once the stage `kill_in` has written its first checkpoint (mid-stage), rerun: the finished
-    stages are skipped (their stage.json untouched) and every final metric equals the uninterrupted run's."""
+def test_sigkill_then_rerun_gives_the_same_final_metrics(uninterrupted, tmp_path):
+    """SIGKILL once the GRPO stage has written its first checkpoint (mid-stage), rerun and SIGKILL again
+    in the middle of the distillation stage, rerun to the end: finished stages are skipped (their
+    stage.json untouched), the killed ones resume, and every final metric equals the uninterrupted run's."""
     ref_run, _ = uninterrupted
     run = tmp_path / "run"
     path = write_pipeline(tmp_path / "cfg", run)
-    proc = subprocess.Popen(command(path), env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    stage_dir = run / kill_in
-    _kill_when(stage_dir, proc, lambda: stage_dir.is_dir() and any(
-        p.name.isdigit() and (p / "state").is_dir() for p in stage_dir.iterdir()))
-    assert not (stage_dir / "stage.json").exists()
+    for kill_in in ("rl", "student"):
+        proc = subprocess.Popen(command(path), env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        stage_dir = run / kill_in
+        _kill_when(stage_dir, proc, lambda d=stage_dir: d.is_dir() and any(
+            p.name.isdigit() and (p / "state").is_dir() for p in d.iterdir()))
+        assert not (stage_dir / "stage.json").exists()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in run.glob("*/stage.json")}
-    assert "cold_start" in finished
+    assert sorted(finished) == ["cold_start", "rejection", "rl"]
     r = subprocess.run(command(path), env=env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     for name, mtime in finished.items():
         assert (run / name / "stage.json").stat().st_mtime_ns == mtime, f"{name} was redone"
-        assert f"stage {name} ({json.loads((run / name / 'stage.json').read_text())['kind']}) finished earlier" \
-            in r.stderr
-    assert json.loads((run / kill_in / "stage.json").read_text())["how"] == "resume"
+        kind = json.loads((run / name / "stage.json").read_text())["kind"]
+        assert f"stage {name} ({kind}) finished earlier" in r.stderr
+    for name in ("rl", "student"):  # both killed after their first checkpoint: both resumed
+        assert json.loads((run / name / "stage.json").read_text())["how"] == "resume"
     assert final_metrics(run) == final_metrics(ref_run)
 
 
