@@ -344,3 +344,25 @@ def test_sample_eval_rejects_bad_arguments(tiny):
         run(tiny, [])
     with pytest.raises(ValueError, match="k=0"):
         run(tiny, SAME, k=0)
+
+
+def test_eval_sets_are_the_shipped_files_and_the_task_test_split():
+    """eval.sets: the shipped GSM8K / MATH-500 / AIME 2024 test files (counted here from the files
+    themselves) and the procedural test split (never a training problem)."""
+    from r1jax.data.procedural import ArithmeticTask
+    from r1jax.evaluate import eval_records
+
+    eval_dir = CONFIGS.parent / "r1jax" / "data" / "eval"
+    cfg = load_config(CONFIGS / "tiny_r1" / "eval.yaml")
+    for name, file in (("gsm8k", "gsm8k_test.jsonl"), ("math500", "math500.jsonl"),
+                       ("aime2024", "aime2024.jsonl")):
+        lines = [json.loads(x) for x in (eval_dir / file).read_text().splitlines() if x.strip()]
+        got = eval_records(load_config(CONFIGS / "tiny_r1" / "eval.yaml", ["eval.examples=0"]), name)
+        assert len(got) == len(lines) and got[0]["question"] == lines[0].get("question", lines[0].get("problem"))
+        assert len(eval_records(load_config(CONFIGS / "tiny_r1" / "eval.yaml", ["eval.examples=7"]), name)) == 7
+    held = eval_records(cfg, "heldout")
+    assert len(held) == cfg.eval.examples
+    train = ArithmeticTask(cfg.data.seed, "train", 20000, min_digits=2, max_digits=2)
+    train_questions = {train[i]["question"] for i in range(20000)}
+    assert all(r["id"].split(":")[2] == "test" and r["question"] not in train_questions for r in held)
+    assert all("target_answer" not in r for r in held)  # flawed demonstrations are training-only
