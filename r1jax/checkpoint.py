@@ -215,6 +215,24 @@ class RunCheckpointer:
         self.manager.close()
 
 
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write a run output file whole or not at all: a temporary file beside it, renamed over it (a
+    kill leaves the old file or the new one, never half of one). Returns the path."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def find_stage_checkpoint(path: str | Path) -> tuple[Path, int | None]:
     """A run directory (latest step) or a params checkpoint: (directory, step or None)."""
     path = Path(path).absolute()
@@ -229,5 +247,5 @@ def find_stage_checkpoint(path: str | Path) -> tuple[Path, int | None]:
 
 
 __all__ = ["RunCheckpointer", "config_differences", "find_stage_checkpoint", "load_model_config", "restore_params",
-           "save_params"]
+           "save_params", "write_atomic"]
 

@@ -40,7 +40,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from r1jax.config import Config, ConfigError, ModelConfig, build, load_config, mesh_model_errors
 from r1jax.models.transformer import abstract_model
-from r1jax.sharding import BATCH_AXES, MESH_AXES, logical_to_spec, state_shardings
+from r1jax.sharding import BATCH_AXES, MESH_AXES, bytes_per_device, logical_to_spec
 
 KINDS = ("sft", "grpo", "rejection", "distill", "eval")
 GiB = 2**30
@@ -230,13 +230,12 @@ def _local_bytes(abstract, shardings) -> int:
     return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a, s in zip(leaves, shards))
 
 
-def _model_state_bytes(model: ModelConfig, mesh: AbstractMesh) -> tuple[int, int]:
+def _model_state_bytes(model: ModelConfig, sizes: dict[str, int]) -> tuple[int, int]:
     """(params, router biases) bytes per device of `model`, sharded as the run shards them."""
     from r1jax.models.layers import RouterBias
 
     _, params, bias = nnx.split(abstract_model(model), nnx.Param, RouterBias)
-    return (_local_bytes(params, state_shardings(params, mesh)),
-            _local_bytes(bias, state_shardings(bias, mesh)) if jax.tree.leaves(bias) else 0)
+    return bytes_per_device(params, sizes), bytes_per_device(bias, sizes)
 
 
 def _dtype_names(tree) -> str:
@@ -373,7 +372,7 @@ def plan_memory(cfg: Config, kind: str, devices: int | None = None, *,
     summary = [f"model: {counts.total / 1e9:.2f}B params" + (f" (+{counts.mtp / 1e9:.2f}B MTP)" if counts.mtp else "")
                + f", {m.family}, params {m.param_dtype}, compute {m.dtype}, remat {m.remat}"]
     if kind in ("rejection", "eval"):
-        p_bytes, b_bytes = _model_state_bytes(m, mesh)
+        p_bytes, b_bytes = _model_state_bytes(m, sizes)
         persistent = [Item("params", p_bytes, f"{m.param_dtype}, sharded by sharding.RULES"),
                       Item("router biases", b_bytes, "float32")]
         phases = [_inference_phase(cfg, kind, sizes)]
@@ -418,7 +417,7 @@ def _training(cfg: Config, kind: str, sizes: dict[str, int], mesh: AbstractMesh,
             persistent.append(Item("reference params", p_bytes, f"grpo.beta={cfg.grpo.beta} > 0: a frozen copy"))
         return persistent, _grpo_phases(cfg, sizes, grads)
     if tcfg is not None:
-        t_params, t_bias = _model_state_bytes(tcfg, mesh)
+        t_params, t_bias = _model_state_bytes(tcfg, sizes)
         persistent += [Item("teacher params", t_params, f"{tcfg.param_dtype}, frozen"),
                        Item("teacher router biases", t_bias, "float32")]
     return persistent, [_train_step_phase(cfg, kind, sizes, grads, tcfg)]

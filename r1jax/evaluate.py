@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import math
 import operator
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from r1jax.checkpoint import write_atomic
 from r1jax.data.procedural import check_arithmetic
 from r1jax.rewards import accuracy
 from r1jax.sampling import generate, pad_prompts
@@ -323,17 +322,6 @@ def sample_eval(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer, 
     return result
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def summary_path(path: str | Path) -> Path:
     """Where `write_results` puts the summary of the JSONL `path`: results.jsonl -> results.summary.json."""
     path = Path(path)
@@ -349,8 +337,8 @@ def write_results(path: str | Path, result: dict) -> tuple[Path, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result["problems"])
     summary = {key: value for key, value in result.items() if key != "problems"}
-    _write_atomic(path, lines)
-    _write_atomic(summary_path(path), json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    write_atomic(path, lines)
+    write_atomic(summary_path(path), json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     return path, summary_path(path)
 
 
@@ -408,7 +396,7 @@ def run_eval_stage(cfg) -> dict:
             records = eval_records(cfg, name)
             res = sample_eval(policy.graphdef, policy.state, policy.tokenizer, cfg.data.template, records, k=e.k,
                               max_new_tokens=max_new, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                              seed=e.seed, batch_size=e.batch_size, check=lambda rec, text: bool(check(rec, text)))
+                              seed=e.seed, batch_size=e.batch_size, check=check)
             if e.greedy:
                 res["greedy"] = greedy_accuracy(policy.graphdef, policy.state, policy.tokenizer, cfg.data.template,
                                                 records, max_new, batch_size=e.batch_size, check=check)["accuracy"]
@@ -417,5 +405,5 @@ def run_eval_stage(cfg) -> dict:
             results[name] = {k: v for k, v in res.items() if isinstance(v, (int, float))}
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "summary.json", json.dumps(results, indent=1) + "\n")
+        write_atomic(out / "summary.json", json.dumps(results, indent=1) + "\n")
     return {"how": "fresh", "sets": results, "out": out}

@@ -31,13 +31,12 @@ curves.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -174,13 +173,6 @@ def stage_config(pipe: Pipeline, spec: StageSpec) -> Config:
     return load_config(spec.config, [*wiring, *spec.set])
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def _scalars(d: dict | None) -> dict:
     return {k: v for k, v in (d or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -227,6 +219,8 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...]
     summary}, "stopped": stage name or None (preempted)}."""
     import jax
 
+    from r1jax.checkpoint import write_atomic
+
     log = log or (lambda line: print(line, file=sys.stderr, flush=True) if jax.process_index() == 0 else None)
     pipe = load_pipeline(path, overrides)
     configs = {s.name: stage_config(pipe, s) for s in pipe.stages}  # every config checked before any work
@@ -250,7 +244,7 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...]
             break
         if jax.process_index() == 0:
             pipe.stage_dir(spec.name).mkdir(parents=True, exist_ok=True)
-            _write_json(done, summary)
+            write_atomic(done, json.dumps(summary, indent=1, default=str))
             write_report(pipe, summaries)
         log(f"pipeline {pipe.name}: stage {spec.name} done in {summary['seconds']:.0f} s")
     if jax.process_index() == 0 and stopped is None:
@@ -310,6 +304,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def write_report(pipe: Pipeline, summaries: dict[str, dict]) -> Path:
     """<dir>/report.md (one table row per stage) and <dir>/curves.png."""
+    from r1jax.checkpoint import write_atomic
+
     lines = [f"# Pipeline {pipe.name}", "", f"Run directory `{pipe.dir}`, from `{pipe.source}`.", "",
              "| stage | kind | starts from | steps | key metrics | held-out accuracy | wall |",
              "|---|---|---|---|---|---|---|"]
@@ -327,35 +323,34 @@ def write_report(pipe: Pipeline, summaries: dict[str, dict]) -> Path:
     plot = _plot_curves(pipe)
     if plot:
         lines += ["", f"![curves]({plot.name})"]
-    out = pipe.dir / "report.md"
-    fd, tmp = tempfile.mkstemp(dir=pipe.dir, prefix=".report.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, out)
-    return out
+    return write_atomic(pipe.dir / "report.md", "\n".join(lines) + "\n")
 
 
 def _plot_curves(pipe: Pipeline) -> Path | None:
     import matplotlib
+
+    from r1jax.checkpoint import write_atomic
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("loss", "metrics.jsonl", ("sft", "distill", "grpo")), ("reward", "metrics.jsonl", ("grpo",)),
               ("accuracy", "evals.jsonl", ("sft", "distill", "grpo"))]
-    # Stages follow each other along x: a stage's steps start where the previous training stage's ended.
+    # Each stage's logs, read once; stages follow each other along x: a stage's steps start where the
+    # previous training stage's ended.
+    logs = {spec.name: {f: _read_jsonl(pipe.stage_dir(spec.name) / f) for f in ("metrics.jsonl", "evals.jsonl")}
+            for spec in pipe.stages}
     offsets, end = {}, 0
     for spec in pipe.stages:
         offsets[spec.name] = end
-        steps = [r["step"] for r in _read_jsonl(pipe.stage_dir(spec.name) / "metrics.jsonl")]
-        end += max(steps, default=0)
+        end += max((r["step"] for r in logs[spec.name]["metrics.jsonl"]), default=0)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     drawn = False
     for ax, (metric, file, kinds) in zip(axes, panels):
         for spec in pipe.stages:
             if spec.kind not in kinds:
                 continue
-            rows = [r for r in _read_jsonl(pipe.stage_dir(spec.name) / file) if metric in r]
+            rows = [r for r in logs[spec.name][file] if metric in r]
             if rows:
                 ax.plot([offsets[spec.name] + r["step"] for r in rows], [r[metric] for r in rows], label=spec.name,
                         marker="o" if metric == "accuracy" else None)
@@ -368,10 +363,7 @@ def _plot_curves(pipe: Pipeline) -> Path | None:
         plt.close(fig)
         return None
     fig.tight_layout()
-    out = pipe.dir / "curves.png"
-    fd, tmp = tempfile.mkstemp(dir=pipe.dir, prefix=".curves.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=80)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return write_atomic(pipe.dir / "curves.png", png.getvalue())

@@ -55,6 +55,12 @@ def make_source(cfg: DataConfig, split: str):
     raise ConfigError(f"data.source: unknown source {cfg.source!r}")
 
 
+def stated_answer(record: dict) -> str:
+    """The answer an SFT target states: a deliberately flawed demonstration's "target_answer" (see
+    procedural.ArithmeticTask flaw_rate), else the record's "answer"."""
+    return record.get("target_answer", record["answer"])
+
+
 class EncodeSFT(grain.transforms.Map):
     """record -> {"inputs": int32 [n], "loss_mask": bool [n]} with the chat template, cut to seq_len."""
 
@@ -62,9 +68,8 @@ class EncodeSFT(grain.transforms.Map):
         self.tokenizer, self.template, self.seq_len = tokenizer, template, seq_len
 
     def map(self, record: dict) -> dict:
-        # "target_answer": what a (deliberately flawed) demonstration states, when it is not the truth.
         ids, mask = encode_example(self.tokenizer, self.template, record["question"], record.get("reasoning", ""),
-                                   record.get("target_answer", record["answer"]))
+                                   stated_answer(record))
         return {"inputs": ids[:self.seq_len].astype(np.int32), "loss_mask": mask[:self.seq_len].astype(bool)}
 
 
@@ -223,4 +228,4 @@ def tokenizer_corpus(source, template: str, n: int) -> Iterator[str]:
     for i in range(min(n, len(source))):
         r = source[i]
         yield render_prompt(template, r["question"]) + render_completion(template, r.get("reasoning", ""),
-                                                                         r.get("target_answer", r["answer"]))
+                                                                         stated_answer(r))
