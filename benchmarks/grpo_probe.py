@@ -23,8 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from r1jax.config import load_config  # noqa: E402
 from r1jax.data.pipeline import make_source  # noqa: E402
 from r1jax.rewards import RewardFn  # noqa: E402
+from r1jax.sampling import generate  # noqa: E402
+from r1jax.stages.grpo import PromptStream  # noqa: E402
+from r1jax.stages.start import start_stage  # noqa: E402
 from r1jax.train import grpo as G  # noqa: E402
-from r1jax.train.stage import start_stage  # noqa: E402
+from r1jax.train.losses import group_advantages  # noqa: E402
 from r1jax.train.state import make_context  # noqa: E402
 
 
@@ -41,21 +44,21 @@ def main() -> None:
     cfg = load_config(root / "configs" / "grpo_arithmetic.yaml", [
         f"checkpoint.init_from={a.checkpoint}", "checkpoint.dir=", f"optimizer.lr={a.lr}", "optimizer.warmup_steps=0",
         "train.bias_update_speed=0", "train.balance_loss_coef=0", "grpo.minibatches=1", *a.set])
-    g = cfg.grpo
+    g, smp = cfg.grpo, cfg.sampling
     src = make_source(cfg.data, cfg.data.split)
-    ctx = make_context(cfg, 100)
+    ctx = make_context(cfg, 100, loss=G.GRPOLoss.from_config(cfg))
     st = start_stage(cfg, src, ctx=ctx, wrap=G.grpo_wrap(0.0))
     tok, state = st.tokenizer, st.state
-    batch = next(G.PromptStream(src, tok, cfg, 0))
+    batch = next(PromptStream(src, tok, cfg, 0))
     with jax.set_mesh(st.mesh):
-        out = G.generate(ctx.graphdef, nnx.merge_state(state.params, state.router_bias), jnp.asarray(batch["tokens"]),
-                         jnp.asarray(batch["lengths"]), jax.random.key(1), max_new_tokens=g.max_new_tokens,
-                         eos_id=tok.eos_id, temperature=g.temperature, top_p=g.top_p, vocab_limit=tok.vocab_size)
+        out = generate(ctx.graphdef, nnx.merge_state(state.params, state.router_bias), jnp.asarray(batch["tokens"]),
+                       jnp.asarray(batch["lengths"]), jax.random.key(1), max_new_tokens=smp.max_new_tokens,
+                       eos_id=tok.eos_id, temperature=smp.temperature, top_p=smp.top_p, vocab_limit=tok.vocab_size)
         toks, ends, starts = np.asarray(out["tokens"]), np.asarray(out["lengths"]), batch["lengths"]
         records = [r for r in batch["records"] for _ in range(g.group_size)]
         texts = [tok.decode(toks[i, starts[i]:ends[i]].tolist(), skip_special=True) for i in range(len(toks))]
         reward = RewardFn({"accuracy": 1.0}, inline=True)(texts, records)["total"]
-        adv = np.asarray(G.group_advantages(jnp.asarray(reward), g.group_size))
+        adv = np.asarray(group_advantages(jnp.asarray(reward), g.group_size))
         rows = G.rollout_batch(out["tokens"], jnp.asarray(starts), out["lengths"])
         keep = {"all": adv, "positive": np.maximum(adv, 0), "negative": np.minimum(adv, 0)}[a.advantages]
         rows["advantages"] = jnp.asarray(keep)

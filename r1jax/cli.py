@@ -1,4 +1,4 @@
-"""Command line: `r1jax summary|convert|sft|grpo|sample|demo`.
+"""Command line: `r1jax summary|convert|sft|grpo|rejection|distill|eval|pipeline|sample|demo`.
 
     r1jax summary configs/models/deepseek_v3.yaml --devices 256 mesh.expert=8
     r1jax convert hf-to-r1jax /ckpts/DeepSeek-V3 /ckpts/v3-r1jax mesh.fsdp=-1
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from r1jax.config import Config, ConfigError, load_config, mesh_model_errors
 from r1jax.errors import CheckpointError, DataError
-from r1jax.train.loop import TrainingDiverged
+from r1jax.stages.loop import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("deepseek_v3", "deepseek_v2_lite", "qwen2.5-1.5b", "qwen2.5-7b", "llama3.1-8b")
@@ -65,11 +65,12 @@ def cmd_convert(args) -> None:
             model = model_config_from_hf(ckpt.config, param_dtype=args.dtype, tensor_names=ckpt.names)
             cfg = load_config(data={"model": dataclasses.asdict(model)}, overrides=args.overrides)
         mesh = _local_mesh(cfg)
-        model_cfg, _, state = load_hf(args.src, cfg.model, mesh)
+        model_cfg, _, state = load_hf(args.src, cfg.model, mesh, progress=True)
         out = save_params(args.dst, model_cfg, state)
     else:
         model_cfg, _, state = restore_params(args.src)
-        out = save_hf(state, model_cfg, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+        out = save_hf(state, model_cfg, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                      progress=True)
     print(f"converted {args.src} -> {out} ({model_cfg.family}) in {time.time() - t0:.1f}s")
 
 
@@ -124,36 +125,21 @@ def cmd_demo(args) -> None:
 
 
 
-def _report(stage: str, args, cfg, out: dict, headline: str) -> None:
-    """What a training stage prints when it returns (process 0), and exit 75 if it was preempted."""
+def cmd_stage(args) -> None:
+    """`r1jax <kind> CONFIG`: run one stage of the registry's `kind` (r1jax.stages.registry), print
+    its result (process 0), and exit 75 if it was preempted."""
     import jax
 
+    from r1jax.stages.registry import STAGES
+
+    kind = STAGES[args.kind]
+    cfg = load_config(args.config, args.overrides)
+    result = kind.run(cfg)
     if jax.process_index() == 0:
-        last = out["last"]
-        print(f"{stage} {cfg.name or args.config}: {out['how']} -> step {out['step']} ({out['stop']}); "
-              f"{headline} {last.get(headline, float('nan')):.4f}")
-        curve = [(h["step"], h["reward"]) for h in out["history"] if "reward" in h]
-        if curve:
-            print("reward curve: " + " ".join(f"{s}:{r:.3f}" for s, r in curve))
-        for ev in out["evals"]:
-            if "accuracy" in ev:
-                print(f"held-out accuracy at step {ev['step']}: {ev['accuracy']:.1%} of {ev['n']}")
-    if out["stop"] == "preempted":
+        for line in kind.lines(result, cfg.name or args.config):
+            print(line)
+    if result.stop == "preempted":
         raise SystemExit(EXIT_PREEMPTED)
-
-
-def cmd_sft(args) -> None:
-    from r1jax.train.sft import run_sft
-
-    cfg = load_config(args.config, args.overrides)
-    _report("sft", args, cfg, run_sft(cfg), "loss")
-
-
-def cmd_grpo(args) -> None:
-    from r1jax.train.grpo import run_grpo
-
-    cfg = load_config(args.config, args.overrides)
-    _report("grpo", args, cfg, run_grpo(cfg), "reward")
 
 
 def cmd_dry_run(args) -> None:
@@ -176,45 +162,6 @@ def cmd_dry_run(args) -> None:
         print(dry_run(cfg, args.kind, devices=args.devices, hbm_gib=args.hbm_gib))
     except ConfigError as e:
         raise ConfigError(f"{args.config}: {e}") from None
-
-
-def cmd_distill(args) -> None:
-    from r1jax.train.distill import run_distill
-
-    cfg = load_config(args.config, args.overrides)
-    _report("distill", args, cfg, run_distill(cfg), "loss")
-
-
-def cmd_rejection(args) -> None:
-    import jax
-
-    from r1jax.train.rejection import run_rejection_stage
-
-    cfg = load_config(args.config, args.overrides)
-    out = run_rejection_stage(cfg)
-    if jax.process_index() == 0:
-        rep = out["report"]
-        print(f"rejection {cfg.name or args.config}: {out['how']}; dataset {out['dataset']}")
-        for src, s in rep["sources"].items():
-            why = ", ".join(f"{k} {v}" for k, v in s["rejected"].items() if v)
-            print(f"  {src}: accepted {s['accepted']} of {s['samples']} ({s['acceptance_rate']:.1%}); "
-                  f"rejected: {why or 'none'}")
-        print(f"  examples written: {rep['dataset']['examples']} ({rep['mix']['reasoning']} reasoning + "
-              f"{rep['mix']['non_reasoning']} non-reasoning)")
-
-
-def cmd_eval(args) -> None:
-    import jax
-
-    from r1jax.evaluate import run_eval_stage
-
-    cfg = load_config(args.config, args.overrides)
-    out = run_eval_stage(cfg)
-    if jax.process_index() == 0:
-        for name, s in out["sets"].items():
-            metrics = ", ".join(f"{k} {v:.1%}" for k, v in s.items() if k.startswith(("pass@", "cons@", "greedy")))
-            print(f"eval {name} ({s['n']} problems, k={s['k']}): {metrics}")
-        print(f"per-problem results: {out['out']}")
 
 
 def cmd_pipeline(args) -> None:
@@ -267,7 +214,7 @@ def cmd_sample(args) -> None:
 
     from r1jax.sampling import generate, pad_prompts
     from r1jax.tokenizer import encode_prompt
-    from r1jax.train.stage import load_policy
+    from r1jax.stages.start import load_policy
 
     prompts = _read_prompts(args)
     policy = load_policy(args.checkpoint, args.overrides)
@@ -317,13 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-shard-gb", type=float, default=5.0)
     c.set_defaults(fn=cmd_convert)
 
-    for name, fn, text in (
-            ("sft", cmd_sft, "supervised fine-tuning stage (resumes from checkpoint.dir)"),
-            ("grpo", cmd_grpo, "GRPO reinforcement-learning stage (resumes from checkpoint.dir)"),
-            ("rejection", cmd_rejection, "rejection sampling: verified, readable samples -> an SFT dataset"),
-            ("distill", cmd_distill, "distillation into a student: sequence-level (SFT on samples) or logits"),
-            ("eval", cmd_eval, "pass@1 over k samples, cons@k, greedy on held-out / GSM8K / MATH-500 / AIME"),
-            ("pipeline", cmd_pipeline, "a whole pipeline file: stages in order, finished ones skipped")):
+    from r1jax.stages.registry import STAGES
+
+    commands = [(k.name, cmd_stage, k.help) for k in STAGES.values()]
+    for name, fn, text in (*commands,
+                           ("pipeline", cmd_pipeline, "a whole pipeline file: stages in order, finished ones skipped")):
         q = sub.add_parser(name, help=text)
         q.add_argument("config")
         q.add_argument("overrides", nargs="*", help="dotted key=value overrides"

@@ -358,17 +358,13 @@ class RewardWeights:
 class GRPOConfig:
     """Group Relative Policy Optimization (DeepSeekMath section 4.1; R1 section 2.2) and its variants.
 
-    One iteration (train.steps counts them): prompts_per_step prompts x group_size samples ->
-    rewards -> group advantages -> inner_epochs passes over `minibatches` minibatches, one optimizer
-    step each.
+    One iteration (train.steps counts them): prompts_per_step prompts x group_size samples (drawn
+    with the `sampling` section) -> rewards -> group advantages -> inner_epochs passes over
+    `minibatches` minibatches, one optimizer step each (of train.grad_accum microbatches).
     """
 
     group_size: int = 16  # G (R1-Zero: 16)
     prompts_per_step: int = 32  # R1-Zero: 32
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     clip_low: float = 0.2  # epsilon below 1
     clip_high: float = 0.2  # epsilon above 1 (DAPO clip-higher: 0.28)
     beta: float = 0.001  # KL coefficient (R1-Zero: 0.001); 0 keeps no reference model at all
@@ -389,33 +385,50 @@ class GRPOConfig:
 
     def errors(self) -> list[tuple[str, str]]:
         out = []
-        for key in ("group_size", "prompts_per_step", "max_new_tokens", "inner_epochs", "minibatches",
-                    "ref_refresh_every"):
+        for key in ("group_size", "prompts_per_step", "inner_epochs", "minibatches", "ref_refresh_every"):
             if getattr(self, key) <= 0:
                 out.append((key, f"must be > 0, got {getattr(self, key)}"))
         if self.group_size == 1:
             out.append(("group_size", "GRPO needs at least 2 samples per prompt"))
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             out.append(("minibatches", f"{self.minibatches} does not divide prompts_per_step*group_size"))
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            out.append(("temperature" if self.temperature < 0 else "top_p", "temperature >= 0 and 0 < top_p <= 1"))
         if self.overlong_max_len and not 0 < self.overlong_cache < self.overlong_max_len:
             out.append(("overlong_cache", "needs 0 < overlong_cache < overlong_max_len"))
         return out
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How grpo rollouts, eval samples and rejection samples are drawn (`sampling.generate`).
+
+    The defaults sample the model's own distribution (what GRPO's importance ratios assume). R1
+    evaluates at temperature 0.6, top-p 0.95 (section 3.1) and samples R1-Zero's rollouts at 1.0."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # 0: no top-k cut
+    max_new_tokens: int = 256
+
+    def errors(self) -> list[tuple[str, str]]:
+        out = []
+        if self.max_new_tokens <= 0:
+            out.append(("max_new_tokens", f"must be > 0, got {self.max_new_tokens}"))
+        if self.top_k < 0:
+            out.append(("top_k", f"must be >= 0 (0: no cut), got {self.top_k}"))
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            out.append(("temperature" if self.temperature < 0 else "top_p", "temperature >= 0 and 0 < top_p <= 1"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Sampled evaluation as in R1 (section 3.1): pass@1 averaged over k samples at temperature 0.6 and
-    top-p 0.95, cons@k majority vote over the same samples, and greedy accuracy."""
+    """Sampled evaluation as in R1 (section 3.1): pass@1 averaged over k samples (drawn with the
+    `sampling` section; R1: temperature 0.6, top-p 0.95), cons@k majority vote over the same
+    samples, and greedy accuracy."""
 
     sets: tuple[str, ...] = ("heldout",)  # heldout (the data source's eval split), gsm8k, math500, aime2024
     examples: int = 0  # problems per set; 0: all (heldout: train.eval_examples)
     k: int = 4  # samples per problem (R1: 4 to 64 depending on the set's size)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 0  # 0: train.eval_max_new_tokens
     greedy: bool = True
     seed: int = 0
     batch_size: int = 128  # rows per sampling call (fixed shapes: one compilation)
@@ -429,24 +442,20 @@ class EvalConfig:
         for key in ("k", "batch_size"):
             if getattr(self, key) <= 0:
                 out.append((key, f"must be > 0, got {getattr(self, key)}"))
-        if self.examples < 0 or self.max_new_tokens < 0:
-            out.append(("examples" if self.examples < 0 else "max_new_tokens", "must be >= 0"))
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            out.append(("temperature" if self.temperature < 0 else "top_p", "temperature >= 0 and 0 < top_p <= 1"))
+        if self.examples < 0:
+            out.append(("examples", "must be >= 0"))
         return out
 
 
 @dataclasses.dataclass(frozen=True)
 class RejectionConfig:
-    """Rejection sampling (R1 section 2.3.3): sample from a checkpoint, keep the correct and readable
-    chains of thought, mix in non-reasoning data. A limit of 0 means "no limit"."""
+    """Rejection sampling (R1 section 2.3.3): sample from a checkpoint (with the `sampling` section),
+    keep the correct and readable chains of thought, mix in non-reasoning data. A limit of 0 means
+    "no limit"."""
 
     prompts: int = 256  # prompts drawn from data.split (procedural sources: the first N; files: up to N, 0: all)
     samples_per_prompt: int = 4  # completions sampled per prompt
     prompts_per_batch: int = 64  # prompts sampled at once
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 256
     require_format: bool = True  # the template's <think>/<answer> layout (rewards.format_reward)
     target_language: str = "en"  # a key of rewards.LANGUAGE_PREDICATES
     min_language_consistency: float = 0.99  # share of target-language words in the CoT (R1 section 2.3.2)
@@ -465,7 +474,7 @@ class RejectionConfig:
         from r1jax.rewards.language import LANGUAGE_PREDICATES
 
         out = []
-        for key in ("samples_per_prompt", "prompts_per_batch", "max_new_tokens"):
+        for key in ("samples_per_prompt", "prompts_per_batch"):
             if getattr(self, key) <= 0:
                 out.append((key, f"must be > 0, got {getattr(self, key)}"))
         for key in ("prompts", "min_reasoning_chars", "max_reasoning_chars", "max_paragraph_chars",
@@ -481,8 +490,6 @@ class RejectionConfig:
             out.append(("min_language_consistency", f"must be in [0, 1], got {self.min_language_consistency}"))
         if not 0.0 <= self.non_reasoning_ratio < 1.0:
             out.append(("non_reasoning_ratio", f"must be in [0, 1), got {self.non_reasoning_ratio}"))
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            out.append(("temperature" if self.temperature < 0 else "top_p", "temperature >= 0 and 0 < top_p <= 1"))
         return out
 
 
@@ -538,6 +545,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     grpo: GRPOConfig = GRPOConfig()
+    sampling: SamplingConfig = SamplingConfig()
     eval: EvalConfig = EvalConfig()
     rejection: RejectionConfig = RejectionConfig()
     distill: DistillConfig = DistillConfig()
@@ -663,6 +671,12 @@ def _fail(origins: dict, key: str, msg: str):
     raise ConfigError(f"{_where(origins, key)}: {key}: {msg}")
 
 
+# Keys that moved to another section: their old spelling gets an error that says where they went.
+MOVED = {f"{section}.{key}": f"sampling.{key}" for section, keys in (
+    ("grpo", ("temperature", "top_p", "top_k", "max_new_tokens")), ("eval", ("temperature", "top_p", "top_k",
+    "max_new_tokens")), ("rejection", ("temperature", "top_p", "max_new_tokens"))) for key in keys}
+
+
 def _build_dataclass(cls, tree, origins, prefix):
     if not isinstance(tree, dict):
         _fail(origins, prefix.rstrip("."), f"expected a mapping for {cls.__name__}, got {tree!r}")
@@ -671,6 +685,8 @@ def _build_dataclass(cls, tree, origins, prefix):
     kwargs = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        if dotted in MOVED:
+            _fail(origins, dotted, f"moved to {MOVED[dotted]} (one sampling section for grpo, eval and rejection)")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(fields))})"
@@ -755,7 +771,7 @@ def _validate(cfg, origins, prefix):
             _fail(origins, f"mesh.{key}", msg)
         for key, msg in mesh_model_errors(cfg.mesh, cfg.model):
             _fail(origins, key, msg)
-        for section in ("train", "optimizer", "data", "grpo", "eval", "rejection", "distill"):
+        for section in ("train", "optimizer", "data", "grpo", "sampling", "eval", "rejection", "distill"):
             for key, msg in getattr(cfg, section).errors():
                 _fail(origins, f"{section}.{key}", msg)
     elif hasattr(cfg, "errors"):

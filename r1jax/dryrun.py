@@ -41,14 +41,10 @@ from jax.sharding import AbstractMesh, AxisType
 from r1jax.config import Config, ConfigError, ModelConfig, build, load_config, mesh_model_errors
 from r1jax.models.transformer import abstract_model
 from r1jax.sharding import BATCH_AXES, MESH_AXES, bytes_per_device, logical_to_spec
+from r1jax.stages.registry import STAGES
 
-KINDS = ("sft", "grpo", "rejection", "distill", "eval")
 GiB = 2**30
 PROMPT_TOKENS = 1024  # rejection / eval sampling: the longest prompt assumed (their buffers are sized to it)
-_CHECKED_SECTIONS = {"sft": ("train", "optimizer", "data"), "distill": ("train", "optimizer", "data", "distill"),
-                     "grpo": ("train", "optimizer", "data", "grpo"), "rejection": ("data", "rejection"),
-                     "eval": ("eval",)}
-
 
 @dataclasses.dataclass(frozen=True)
 class Item:
@@ -149,7 +145,7 @@ def _split(n: int, logical: str, sizes: dict[str, int]) -> int:
 def _check_sections(cfg: Config, kind: str) -> None:
     for key, msg in cfg.model.errors():
         raise ConfigError(f"model.{key}: {msg}")
-    for section in _CHECKED_SECTIONS[kind]:
+    for section in STAGES[kind].sections:
         for key, msg in getattr(cfg, section).errors():
             raise ConfigError(f"{section}.{key}: {msg}")
 
@@ -172,9 +168,12 @@ def _check_batches(cfg: Config, kind: str, sizes: dict[str, int]) -> list[str]:
         partial("a microbatch (train.batch_size / train.grad_accum)", b // cfg.train.grad_accum)
     if kind == "grpo":
         g, rows = cfg.grpo, cfg.grpo.prompts_per_step * cfg.grpo.group_size
-        if cfg.train.seq_len <= g.max_new_tokens:
+        if cfg.train.seq_len <= cfg.sampling.max_new_tokens:
             raise ConfigError(f"train.seq_len: {cfg.train.seq_len} leaves no room for prompts after "
-                              f"grpo.max_new_tokens={g.max_new_tokens}")
+                              f"sampling.max_new_tokens={cfg.sampling.max_new_tokens}")
+        if (rows // g.minibatches) % cfg.train.grad_accum:
+            raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} does not divide a GRPO minibatch of "
+                              f"{rows // g.minibatches} rollouts (grpo.prompts_per_step * group_size / minibatches)")
         if rows % full:
             raise ConfigError(f"grpo.prompts_per_step: {g.prompts_per_step} x group_size {g.group_size} = {rows} "
                               f"rollouts do not split over the {full} batch shards (data*fsdp*expert)")
@@ -354,8 +353,8 @@ def plan_memory(cfg: Config, kind: str, devices: int | None = None, *,
     Raises ConfigError (one line naming the key) for anything the run would reject: a section's
     errors, a mesh that cannot be resolved or does not divide the model, a batch that cannot be
     sharded, an unreadable logit-distillation teacher."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown stage kind {kind!r}; known: {', '.join(KINDS)}")
+    if kind not in STAGES:
+        raise ValueError(f"unknown stage kind {kind!r}; known: {', '.join(STAGES)}")
     _check_sections(cfg, kind)
     sizes = resolve_mesh(cfg, devices)
     notes = _check_batches(cfg, kind, sizes)
@@ -371,7 +370,7 @@ def plan_memory(cfg: Config, kind: str, devices: int | None = None, *,
     counts = count_params(m)
     summary = [f"model: {counts.total / 1e9:.2f}B params" + (f" (+{counts.mtp / 1e9:.2f}B MTP)" if counts.mtp else "")
                + f", {m.family}, params {m.param_dtype}, compute {m.dtype}, remat {m.remat}"]
-    if kind in ("rejection", "eval"):
+    if STAGES[kind].plan == "sampling":
         p_bytes, b_bytes = _model_state_bytes(m, sizes)
         persistent = [Item("params", p_bytes, f"{m.param_dtype}, sharded by sharding.RULES"),
                       Item("router biases", b_bytes, "float32")]
@@ -392,9 +391,10 @@ def plan_memory(cfg: Config, kind: str, devices: int | None = None, *,
 def _inference_phase(cfg: Config, kind: str, sizes: dict[str, int]) -> Phase:
     if kind == "rejection":
         r = cfg.rejection
-        rows, max_new = r.prompts_per_batch * r.samples_per_prompt, r.max_new_tokens
+        rows = r.prompts_per_batch * r.samples_per_prompt
     else:
-        rows, max_new = cfg.eval.batch_size, cfg.eval.max_new_tokens or cfg.train.eval_max_new_tokens
+        rows = cfg.eval.batch_size
+    max_new = cfg.sampling.max_new_tokens
     return _sampling_phase(cfg, sizes, rows, PROMPT_TOKENS, max_new, "sampling")
 
 
@@ -412,7 +412,7 @@ def _training(cfg: Config, kind: str, sizes: dict[str, int], mesh: AbstractMesh,
                        f"AdamW moments in {_dtype_names(state.opt_state)}, sharded like the params"),
                   Item("router biases", _local_bytes(state.router_bias, shard.router_bias), "float32")]
     grads = Item("grads", p_bytes, f"{m.param_dtype}, like the params")
-    if kind == "grpo":
+    if STAGES[kind].plan == "grpo":
         if cfg.grpo.beta > 0:
             persistent.append(Item("reference params", p_bytes, f"grpo.beta={cfg.grpo.beta} > 0: a frozen copy"))
         return persistent, _grpo_phases(cfg, sizes, grads)
@@ -423,31 +423,43 @@ def _training(cfg: Config, kind: str, sizes: dict[str, int], mesh: AbstractMesh,
     return persistent, [_train_step_phase(cfg, kind, sizes, grads, tcfg)]
 
 
+def _accumulator(grads: Item, cfg: Config) -> list[Item]:
+    """update.accumulate_gradients' float32 carry (only with grad_accum > 1)."""
+    a = cfg.train.grad_accum
+    if a == 1:
+        return []
+    f32 = grads.bytes * 4 // _itemsize(cfg.model.param_dtype)
+    return [Item("grad accumulator", f32, f"float32, the scan carry summing {a} microbatch grads")]
+
+
 def _grpo_phases(cfg: Config, sizes: dict[str, int], grads: Item) -> list[Phase]:
     """GRPOIteration: generate all rollouts at once, pi_old (and pi_ref) over all of them, then
-    `minibatches` updates (grpo_step: one value_and_grad, no accumulation)."""
+    `minibatches` updates (grpo_step over train.grad_accum microbatches)."""
     g, m, s = cfg.grpo, cfg.model, cfg.train.seq_len
     rows = g.prompts_per_step * g.group_size
     mb = rows // g.minibatches
+    micro = mb // cfg.train.grad_accum
     r = rows_per_device(rows, sizes)
-    rollout = _sampling_phase(cfg, sizes, rows, s - g.max_new_tokens, g.max_new_tokens, "rollout")
+    new = cfg.sampling.max_new_tokens
+    rollout = _sampling_phase(cfg, sizes, rows, s - new, new, "rollout")
     passes = "pi_old and pi_ref, one after the other" if g.beta > 0 else "pi_old"
     logprob = Phase(f"log-prob pass ({passes}; all {rows} sequences at once, {r} per device)",
                     (Item("attention mask", r * s * s, f"[{r}, {s}, {s}] bool"),
                      *_layer_buffers(m, sizes, rows, s, backward=False),
                      _logits(m, sizes, rows, s, 2, "and their log-softmax")))
     arrays = Item("rollout batch arrays", 7 * r * s * 4, f"7 x [{r}, {s}] (tokens, targets, masks, log-probs)")
-    update = Phase(f"update (minibatch of {mb} sequences, {rows_per_device(mb, sizes)} per device)",
-                   (grads, arrays, *_train_activations(cfg, sizes, mb, s, with_mtp=False)))
+    update = Phase(f"update (minibatch of {mb} sequences, {rows_per_device(mb, sizes)} per device; "
+                   f"{cfg.train.grad_accum} microbatches)",
+                   (grads, *_accumulator(grads, cfg), arrays, *_train_activations(cfg, sizes, micro, s, with_mtp=False)))
     return [rollout, logprob, update]
 
 
 def _train_step_phase(cfg: Config, kind: str, sizes: dict[str, int], grads: Item, tcfg: ModelConfig | None) -> Phase:
-    """sft_step / distill_step: a scan over grad_accum microbatches summing grads into a carry."""
+    """sft_step / distill_step: one value_and_grad, or with grad_accum > 1 a scan over the
+    microbatches summing grads into a float32 carry (update.accumulate_gradients)."""
     m, s, a = cfg.model, cfg.train.seq_len, cfg.train.grad_accum
     micro, rb = cfg.train.batch_size // a, rows_per_device(cfg.train.batch_size, sizes)
-    items = [grads, Item("grad accumulator", grads.bytes, "the scan carry summing microbatch grads"),
-             Item("batch arrays", 5 * rb * s * 4, f"5 x [{rb}, {s}] int32")]
+    items = [grads, *_accumulator(grads, cfg), Item("batch arrays", 5 * rb * s * 4, f"5 x [{rb}, {s}] int32")]
     with_mtp = kind == "sft" and cfg.train.mtp and m.mtp_depth > 0
     items += _train_activations(cfg, sizes, micro, s, with_mtp)
     r = rows_per_device(micro, sizes)

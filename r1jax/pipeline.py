@@ -41,8 +41,9 @@ from pathlib import Path
 import yaml
 
 from r1jax.config import Config, ConfigError, load_config
+from r1jax.stages.registry import KINDS, STAGES
+from r1jax.stages.result import StageResult, scalars
 
-KINDS = ("sft", "grpo", "rejection", "distill", "eval")
 STAGE_KEYS = ("name", "kind", "config", "init_from", "data_from", "teacher_from", "set")
 DONE = "stage.json"
 
@@ -173,45 +174,16 @@ def stage_config(pipe: Pipeline, spec: StageSpec) -> Config:
     return load_config(spec.config, [*wiring, *spec.set])
 
 
-def _scalars(d: dict | None) -> dict:
-    return {k: v for k, v in (d or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def run_stage(cfg: Config, kind: str) -> dict:
-    """Run one stage of `kind` on `cfg`; returns the stage summary kept in stage.json."""
-    if kind == "sft":
-        from r1jax.train.sft import run_sft
-
-        out = run_sft(cfg)
-    elif kind == "grpo":
-        from r1jax.train.grpo import run_grpo
-
-        out = run_grpo(cfg)
-    elif kind == "distill":
-        from r1jax.train.distill import run_distill
-
-        out = run_distill(cfg)
-    elif kind == "rejection":
-        from r1jax.train.rejection import run_rejection_stage
-
-        out = run_rejection_stage(cfg)
-        total = (out["report"] or {}).get("total", {})
-        return {"stop": "done", "how": out["how"], "dataset": str(out["dataset"]),
-                "acceptance_rate": total.get("acceptance_rate"), "accepted": total.get("accepted"),
-                "samples": total.get("samples"), "rejected": total.get("rejected", {}),
-                "examples": ((out["report"] or {}).get("dataset") or {}).get("examples")}
-    elif kind == "eval":
-        from r1jax.evaluate import run_eval_stage
-
-        out = run_eval_stage(cfg)
-        return {"stop": "done", "how": out["how"], "sets": out["sets"]}
-    else:
+def run_stage(cfg: Config, kind: str) -> StageResult:
+    """Run one stage of `kind` on `cfg` (the registry's driver). A training stage's evals become every
+    evaluation of the stage, also those of runs before a resume (its evals.jsonl, one per step)."""
+    if kind not in STAGES:
         raise ConfigError(f"unknown stage kind {kind!r}")
-    # Every evaluation of the stage, also those of runs before a resume (evals.jsonl, one per step).
-    logged = _read_jsonl(Path(cfg.checkpoint.dir) / "evals.jsonl") if cfg.checkpoint.dir else []
-    evals = logged or [_scalars(e) for e in out["evals"]]
-    return {"stop": out["stop"], "how": out["how"], "step": out["step"], "last": _scalars(out["last"]),
-            "evals": evals}
+    result = STAGES[kind].run(cfg)
+    if result.trains:
+        logged = _read_jsonl(Path(cfg.checkpoint.dir) / "evals.jsonl") if cfg.checkpoint.dir else []
+        result.evals = logged or [scalars(e) for e in result.evals]
+    return result
 
 
 def run_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), log=None) -> dict:
@@ -235,9 +207,9 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...]
             continue
         log(f"pipeline {pipe.name}: stage {spec.name} ({spec.kind}) starts")
         t0 = time.perf_counter()
-        summary = run_stage(configs[spec.name], spec.kind)
-        summary.update(kind=spec.kind, seconds=time.perf_counter() - t0)
-        summaries[spec.name] = summary
+        result = run_stage(configs[spec.name], spec.kind)
+        result.seconds = time.perf_counter() - t0
+        summaries[spec.name] = summary = result.summary()
         if summary["stop"] != "done":
             stopped = spec.name
             log(f"pipeline {pipe.name}: stage {spec.name} stopped ({summary['stop']}); run the same command to resume")
@@ -258,35 +230,8 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...]
 
 
 def heldout_accuracy(summary: dict) -> float | None:
-    """A stage's held-out accuracy: the last evaluation of a training stage; an eval stage's heldout
-    greedy accuracy (else pass@1)."""
-    if summary.get("kind") == "eval":
-        h = summary.get("sets", {}).get("heldout") or next(iter(summary.get("sets", {}).values()), {})
-        return h.get("greedy", h.get("pass@1"))
-    evals = [e for e in summary.get("evals", []) if "accuracy" in e]
-    return evals[-1]["accuracy"] if evals else None
-
-
-def _key_metrics(summary: dict) -> str:
-    kind = summary.get("kind")
-    last = summary.get("last", {})
-    if kind in ("sft", "distill"):
-        return f"loss {last.get('loss', float('nan')):.4f}"
-    if kind == "grpo":
-        shown = (("reward", "reward {:.3f}"), ("kl", "kl {:.4f}"), ("response_length", "response length {:.1f}"))
-        return ", ".join(fmt.format(last[k]) for k, fmt in shown if k in last)
-    if kind == "rejection":
-        rate = summary.get("acceptance_rate")
-        rate_txt = f"{rate:.1%}" if isinstance(rate, (int, float)) else "-"
-        return f"accepted {summary.get('accepted')} of {summary.get('samples')} ({rate_txt}); {summary.get('examples')} examples"
-    if kind == "eval":
-        parts = []
-        for name, s in summary.get("sets", {}).items():
-            cons = next((f"{k} {v:.1%}" for k, v in s.items() if k.startswith("cons@")), "")
-            greedy = f", greedy {s['greedy']:.1%}" if "greedy" in s else ""
-            parts.append(f"{name}: pass@1 {s.get('pass@1', float('nan')):.1%}, {cons}{greedy}")
-        return "; ".join(parts)
-    return ""
+    """A stage's held-out accuracy from its summary (stage.json): see StageResult.heldout_accuracy."""
+    return StageResult.from_summary(summary).heldout_accuracy()
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -318,7 +263,8 @@ def write_report(pipe: Pipeline, summaries: dict[str, dict]) -> Path:
             lines.append(f"| {spec.name} | {spec.kind} | {start} | - | not run yet | - | - |")
             continue
         acc = heldout_accuracy(s)
-        lines.append(f"| {spec.name} | {spec.kind} | {start} | {s.get('step', '-')} | {_key_metrics(s)} | "
+        figures = STAGES[spec.kind].figures(StageResult.from_summary(s))
+        lines.append(f"| {spec.name} | {spec.kind} | {start} | {s.get('step', '-')} | {figures} | "
                      f"{'-' if acc is None else f'{acc:.1%}'} | {s.get('seconds', 0):.0f} s |")
     plot = _plot_curves(pipe)
     if plot:
@@ -334,8 +280,7 @@ def _plot_curves(pipe: Pipeline) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("loss", "metrics.jsonl", ("sft", "distill", "grpo")), ("reward", "metrics.jsonl", ("grpo",)),
-              ("accuracy", "evals.jsonl", ("sft", "distill", "grpo"))]
+    panels = [("loss", "metrics.jsonl"), ("reward", "metrics.jsonl"), ("accuracy", "evals.jsonl")]
     # Each stage's logs, read once; stages follow each other along x: a stage's steps start where the
     # previous training stage's ended.
     logs = {spec.name: {f: _read_jsonl(pipe.stage_dir(spec.name) / f) for f in ("metrics.jsonl", "evals.jsonl")}
@@ -346,9 +291,9 @@ def _plot_curves(pipe: Pipeline) -> Path | None:
         end += max((r["step"] for r in logs[spec.name]["metrics.jsonl"]), default=0)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     drawn = False
-    for ax, (metric, file, kinds) in zip(axes, panels):
+    for ax, (metric, file) in zip(axes, panels):
         for spec in pipe.stages:
-            if spec.kind not in kinds:
+            if not STAGES[spec.kind].trains:
                 continue
             rows = [r for r in logs[spec.name][file] if metric in r]
             if rows:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +50,20 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
     return logits
 
 
+@flax.struct.dataclass
+class SamplerState:
+    """The decode loop's carry: everything one step reads and writes."""
+
+    i: jax.Array  # int32: decode steps taken
+    tokens: jax.Array  # [B, T] int32: prompts, then each row's continuation after its own prompt
+    lengths: jax.Array  # [B] int32: filled positions per row
+    done: jax.Array  # [B] bool: the row hit a stop token or its buffer's end
+    logits: jax.Array  # [B, V] float32: the next-token logits of each row
+    cache: dict  # the model's KV cache (Transformer.init_cache)
+    logprobs: jax.Array  # [B, max_new_tokens] float32: log pi of each generated token
+    key: jax.Array  # the sampling key
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "stop_ids", "vocab_limit"))
 def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *,
@@ -68,35 +83,37 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, length
     cache = model.init_cache(b, t)
     # Prompts fit in the first T - max_new_tokens positions (the contract above): prefill only those.
     width = t - max_new_tokens if 0 < max_new_tokens < t else t
-    logits, cache = model.prefill(tokens[:, :width], lengths, cache)
+    with jax.named_scope("prefill"):
+        logits, cache = model.prefill(tokens[:, :width], lengths, cache)
     stops = jnp.asarray([eos_id, *stop_ids], jnp.int32)
 
-    def cond(carry):
-        i, _, _, done, *_ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def cond(s: SamplerState):
+        return (s.i < max_new_tokens) & ~jnp.all(s.done)
 
-    def body(carry):
-        i, toks, lens, done, logits, cache, logps, key = carry
-        key, sub = jax.random.split(key)
-        allowed = logits
-        if 0 < vocab_limit < logits.shape[-1]:
-            allowed = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    def body(s: SamplerState) -> SamplerState:
+        key, sub = jax.random.split(s.key)
+        allowed = s.logits
+        if 0 < vocab_limit < s.logits.shape[-1]:
+            allowed = jnp.where(jnp.arange(s.logits.shape[-1]) < vocab_limit, s.logits, -jnp.inf)
         if temperature == 0.0:
             nxt = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
         else:
             nxt = jax.random.categorical(sub, filter_logits(allowed, temperature, top_k, top_p)).astype(jnp.int32)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), nxt[:, None], -1)[:, 0]
-        live = ~done & (lens < t)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits.astype(jnp.float32)), nxt[:, None], -1)[:, 0]
+        live = ~s.done & (s.lengths < t)
         nxt = jnp.where(live, nxt, 0)
-        toks = jnp.where(live[:, None] & (jnp.arange(t)[None] == lens[:, None]), nxt[:, None], toks)
-        logps = logps.at[:, i].set(jnp.where(live, logp, 0.0))
-        done = done | (live & jnp.isin(nxt, stops)) | (lens + 1 >= t)
-        pos = jnp.minimum(lens, t - 1)
-        lens = jnp.where(live, lens + 1, lens)
-        logits, cache = model.decode_step(nxt, pos, cache)
-        return i + 1, toks, lens, done, logits, cache, logps, key
+        toks = jnp.where(live[:, None] & (jnp.arange(t)[None] == s.lengths[:, None]), nxt[:, None], s.tokens)
+        logps = s.logprobs.at[:, s.i].set(jnp.where(live, logp, 0.0))
+        done = s.done | (live & jnp.isin(nxt, stops)) | (s.lengths + 1 >= t)
+        pos = jnp.minimum(s.lengths, t - 1)
+        lens = jnp.where(live, s.lengths + 1, s.lengths)
+        logits, cache = model.decode_step(nxt, pos, s.cache)
+        return SamplerState(i=s.i + 1, tokens=toks, lengths=lens, done=done, logits=logits, cache=cache,
+                            logprobs=logps, key=key)
 
-    init = (jnp.int32(0), tokens, lengths, jnp.zeros((b,), bool), logits, cache,
-            jnp.zeros((b, max_new_tokens), jnp.float32), rng)
-    _, toks, new_lens, _, _, _, logps, _ = jax.lax.while_loop(cond, body, init)
-    return {"tokens": toks, "lengths": new_lens, "logprobs": logps, "num_new": new_lens - lengths}
+    init = SamplerState(i=jnp.int32(0), tokens=tokens, lengths=lengths, done=jnp.zeros((b,), bool), logits=logits,
+                        cache=cache, logprobs=jnp.zeros((b, max_new_tokens), jnp.float32), key=rng)
+    with jax.named_scope("decode"):
+        final = jax.lax.while_loop(cond, body, init)
+    return {"tokens": final.tokens, "lengths": final.lengths, "logprobs": final.logprobs,
+            "num_new": final.lengths - lengths}

@@ -12,7 +12,7 @@ from r1jax.config import MeshConfig, load_config
 from r1jax.errors import CheckpointError
 from r1jax.sharding import make_mesh
 from r1jax.train.sft import sft_step
-from r1jax.train.stage import _with_shardings
+from r1jax.stages.start import _with_shardings
 from r1jax.train.state import abstract_train_state, init_train_state, make_context, train_state_shardings
 from test_sft import cfg_of, packed_batch
 

@@ -12,12 +12,6 @@ def write(tmp_path, name, text):
     return p
 
 
-def test_presets_load():
-    for p in sorted((CONFIGS / "models").glob("*.yaml")):
-        cfg = load_config(p)
-        assert cfg.model.vocab_size > 0, p
-
-
 def test_base_and_overrides(tmp_path):
     p = write(tmp_path, "run.yaml", f"base: {CONFIGS / 'models' / 'tiny_v3.yaml'}\nmodel: {{n_layers: 6}}\n")
     cfg = load_config(p, ["model.d_model=128", "mesh.expert=2", "model.q_lora_rank=null"])
@@ -91,3 +85,21 @@ def test_mesh_resolve():
     assert MeshConfig(data=2, fsdp=-1, expert=2, tensor=1).resolve(8) == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
     with pytest.raises(ConfigError, match="mesh"):
         MeshConfig(data=3, fsdp=-1).resolve(8)
+
+
+def test_one_sampling_section_and_moved_keys_say_where_they_went(tmp_path):
+    base = CONFIGS / "models" / "tiny_v3.yaml"
+    cfg = load_config(base, ["sampling.temperature=0.6", "sampling.top_p=0.95", "sampling.max_new_tokens=80"])
+    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k, cfg.sampling.max_new_tokens) == \
+        (0.6, 0.95, 0, 80)
+    p = write(tmp_path, "old.yaml", f"base: {base}\ngrpo: {{temperature: 0.7}}\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: grpo\.temperature: moved to sampling\.temperature"):
+        load_config(p)
+    for key in ("eval.max_new_tokens=9", "rejection.top_p=0.9", "grpo.top_k=5"):
+        section, name = key.split("=")[0].split(".")
+        with pytest.raises(ConfigError, match=rf"command line: {section}\.{name}: moved to sampling\.{name}"):
+            load_config(base, [key])
+    with pytest.raises(ConfigError, match=r"sampling\.top_p: temperature >= 0 and 0 < top_p <= 1"):
+        load_config(base, ["sampling.top_p=0"])
+    with pytest.raises(ConfigError, match=r"sampling\.max_new_tokens: must be > 0"):
+        load_config(base, ["sampling.max_new_tokens=0"])

@@ -15,7 +15,7 @@ from r1jax.config import load_config
 from r1jax.models.transformer import Transformer
 from r1jax.train.distill import distill_loss, distill_step, teacher_topk
 from r1jax.train.losses import per_token_cross_entropy
-from r1jax.train.sft import update_router_bias
+from r1jax.train.update import update_router_bias
 from r1jax.train.state import init_train_state, make_context, split_model
 
 FLOOR = np.log(np.finfo(np.float32).tiny)  # reverse KL's floor on teacher log-probs (documented)

@@ -22,7 +22,7 @@ PAPER = CONFIGS / "paper"
 # Every paper config and the stage kind(s) it runs as (a YAML missing here fails
 # test_every_paper_config_is_listed).
 KINDS = {"r1_zero_grpo": ["grpo"], "r1_cold_start_sft": ["sft"], "r1_reasoning_grpo": ["grpo"],
-         "r1_rejection": ["rejection"], "r1_sft2": ["sft"], "r1_all_scenarios_grpo": ["grpo", "eval"],
+         "r1_rejection": ["rejection"], "r1_sft2": ["sft"], "r1_all_scenarios_grpo": ["grpo"], "r1_eval": ["eval"],
          "distill_qwen2.5_1.5b": ["distill"], "distill_qwen2.5_7b": ["distill"], "distill_llama3.1_8b": ["distill"]}
 
 
@@ -100,14 +100,14 @@ def test_rollout_and_activation_terms_from_the_shapes():
 
 def test_paper_hyperparameters():
     z = paper("r1_zero_grpo")  # R1 v2 section 2.1
-    g = z.grpo
-    assert (z.optimizer.lr, g.beta, g.group_size, g.temperature, g.max_new_tokens) == (3e-6, 0.001, 16, 1.0, 32768)
+    g, s = z.grpo, z.sampling
+    assert (z.optimizer.lr, g.beta, g.group_size, s.temperature, s.max_new_tokens) == (3e-6, 0.001, 16, 1.0, 32768)
     assert g.prompts_per_step * g.group_size // g.minibatches == 512  # 32 questions x 16 per update
     assert g.prompts_per_step * g.group_size == 8192 and g.minibatches == 16 and g.inner_epochs == 1
     assert g.ref_refresh_every * g.minibatches == 400 and z.train.steps * g.minibatches == 10400
     r = paper("r1_reasoning_grpo")  # section 3.2.1
     assert (r.grpo.clip_low, r.grpo.rewards.language, r.data.template) == (10.0, 1.0, "r1")
-    assert paper("r1_all_scenarios_grpo").grpo.temperature == 0.7  # section 3.2.2
+    assert paper("r1_all_scenarios_grpo").sampling.temperature == 0.7  # section 3.2.2
     assert paper("r1_rejection").rejection.non_reasoning_ratio == 0.25  # ~200k of ~800k
     lrs = {n: paper(n).optimizer.lr for n in ("distill_qwen2.5_1.5b", "distill_qwen2.5_7b", "distill_llama3.1_8b")}
     assert lrs == {"distill_qwen2.5_1.5b": 1e-4, "distill_qwen2.5_7b": 8e-5, "distill_llama3.1_8b": 5e-5}

@@ -15,16 +15,8 @@ import pytest
 
 from conftest import CONFIGS
 from r1jax.config import load_config
-from r1jax.evaluate import (
-    answer_equivalence,
-    cons_at_k,
-    majority_answer,
-    pass_at_k,
-    sample_eval,
-    summarize,
-    summary_path,
-    write_results,
-)
+from r1jax.evaluate import sample_eval, summary_path, write_results
+from r1jax.metrics import answer_equivalence, cons_at_k, majority_answer, pass_at_k, summarize
 from r1jax.models import init_model
 from r1jax.rewards.accuracy import accuracy_reward, extract_answer
 from r1jax.sampling import generate, pad_prompts
@@ -350,7 +342,7 @@ def test_eval_sets_are_the_shipped_files_and_the_task_test_split():
     """eval.sets: the shipped GSM8K / MATH-500 / AIME 2024 test files (counted here from the files
     themselves) and the procedural test split (never a training problem)."""
     from r1jax.data.procedural import ArithmeticTask
-    from r1jax.evaluate import eval_records
+    from r1jax.stages.eval import eval_records
 
     eval_dir = CONFIGS.parent / "r1jax" / "data" / "eval"
     cfg = load_config(CONFIGS / "tiny_r1" / "eval.yaml")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from r1jax.train.grpo import rollout_batch
-from r1jax.train.losses import group_advantages, overlong_penalty, policy_objective
+from r1jax.train.losses import aggregate_norm, group_advantages, overlong_penalty, policy_objective
 
 
 def reference_loss(logp, old, ref, adv, mask, *, lo, hi, beta, kl, agg, seq_ratio, max_len):
@@ -119,3 +119,71 @@ def test_rollout_rows_mark_exactly_the_response():
     np.testing.assert_array_equal(np.asarray(rows["targets"][0])[:4], [6, 7, 8, 9])
     np.testing.assert_array_equal(np.asarray(rows["response_mask"][1]), [0, 0, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(np.asarray(rows["segment_ids"][0]), [1, 1, 1, 1, 1, 0, 0])
+
+
+def test_group_std_is_the_population_std():
+    """DeepSeekMath's std(r) leaves ddof open; r1jax takes the population std (divide by G): for the
+    group [1, 0, 0, 0] that is sqrt(3/16), not the sample std 1/2 (ddof 1, TRL's)."""
+    r = [1.0, 0.0, 0.0, 0.0]
+    mean = sum(r) / 4
+    population = (sum((x - mean) ** 2 for x in r) / 4) ** 0.5
+    sample = (sum((x - mean) ** 2 for x in r) / 3) ** 0.5
+    got = np.asarray(group_advantages(jnp.asarray(r), 4, eps=0.0))
+    np.testing.assert_allclose(got, [(x - mean) / population for x in r], rtol=1e-6)
+    assert not np.allclose(got, [(x - mean) / sample for x in r], rtol=1e-3)
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+def test_microbatch_losses_with_the_batch_norm_add_up_to_the_batch_loss(agg):
+    logp, old, ref, adv, mask = inputs(11)
+    kw = dict(clip_low=0.2, clip_high=0.28, ref_logp=ref, beta=0.04, aggregation=agg, max_len=7)
+    whole, whole_stats = policy_objective(jnp.asarray(logp), old, adv, mask, **kw)
+    norm = aggregate_norm(mask)
+    parts = [policy_objective(jnp.asarray(logp[i]), old[i], adv[i], mask[i], **dict(kw, ref_logp=ref[i]), norm=norm)
+             for i in (np.array([0, 2, 4]), np.array([1, 3]))]
+    np.testing.assert_allclose(sum(float(p[0]) for p in parts), float(whole), rtol=1e-6)
+    for key in ("clip_fraction", "kl"):
+        np.testing.assert_allclose(sum(float(p[1][key]) for p in parts), float(whole_stats[key]), rtol=1e-6)
+
+
+def _grpo_batch(rng, b, s, vocab):
+    """Rollout rows of varied prompt and response lengths, with pi_old, pi_ref and advantages."""
+    tokens = rng.integers(1, vocab, (b, s)).astype(np.int32)
+    plens = rng.integers(2, 6, b)
+    tlens = np.minimum(plens + rng.integers(1, s - 5, b), s)
+    rows = {k: np.asarray(v) for k, v in rollout_batch(jnp.asarray(tokens), jnp.asarray(plens),
+                                                        jnp.asarray(tlens)).items()}
+    # About a random model's log-probs (log 1/512 = -6.24), so ratios straddle the clip range
+    old = np.log(1 / vocab) + rng.normal(0, 0.3, (b, s))
+    rows["old_logp"] = old.astype(np.float32)
+    rows["ref_logp"] = (old + rng.normal(0, 0.3, (b, s))).astype(np.float32)
+    rows["advantages"] = rng.normal(0, 1, b).astype(np.float32)
+    return rows
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_grpo_step_with_grad_accumulation_equals_one_big_batch(agg):
+    """grpo_step over 4 microbatches takes the step one pass over the whole minibatch takes (the
+    tiny MoE: balance loss and router-bias loads accumulate too)."""
+    from conftest import CONFIGS
+    from r1jax.config import load_config
+    from r1jax.train.grpo import GRPOLoss, grpo_step
+    from r1jax.train.state import init_train_state, make_context
+
+    loss = GRPOLoss(clip_low=0.2, clip_high=0.28, beta=0.04, aggregation=agg, max_len=16)
+    batch = _grpo_batch(np.random.default_rng(3), 8, 24, 512)
+    out = {}
+    for a in (1, 4):
+        cfg = load_config(CONFIGS / "models" / "tiny_v3.yaml", ["model.n_layers=2", "optimizer.lr=1e-4",
+                                                                "optimizer.warmup_steps=0", f"train.grad_accum={a}"])
+        ctx = make_context(cfg, loss=loss)
+        state = init_train_state(ctx, jax.random.key(0))
+        step = jax.jit(lambda st, b, ctx=ctx: grpo_step(st, b, None, ctx=ctx))
+        out[a] = step(state, batch)
+    (s1, m1), (s4, m4) = out[1], out[4]
+    for key in ("loss", "policy_loss", "kl", "clip_fraction", "entropy", "balance_loss"):
+        np.testing.assert_allclose(float(m4[key]), float(m1[key]), atol=1e-6, rtol=0, err_msg=key)
+    assert abs(float(m1["loss"])) > 1e-3 and float(m1["grad_norm"]) > 0 and 0 < float(m1["clip_fraction"]) < 1
+    assert float(m1["kl"]) > 0
+    for x, y in zip(jax.tree.leaves((s1.params, s1.router_bias)), jax.tree.leaves((s4.params, s4.router_bias))):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)

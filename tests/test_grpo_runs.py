@@ -12,11 +12,12 @@ import pytest
 from conftest import CONFIGS
 from r1jax import cli
 from r1jax.config import load_config
-from r1jax.train.grpo import GRPOState, prompt_indices, run_grpo
+from r1jax.stages.grpo import run_grpo
+from r1jax.train.grpo import GRPOState, prompt_indices
 
 BASE = ["train.seq_len=80", "train.log_every=1", "train.eval_examples=0", "data.source=arithmetic",
         "data.template=r1", "data.size=5000", "tokenizer.train_vocab_size=330", "tokenizer.train_examples=800",
-        "grpo.group_size=4", "grpo.prompts_per_step=4", "grpo.max_new_tokens=24", "grpo.minibatches=2",
+        "grpo.group_size=4", "grpo.prompts_per_step=4", "sampling.max_new_tokens=24", "grpo.minibatches=2",
         "optimizer.warmup_steps=0", "optimizer.schedule=constant", "optimizer.lr=3e-3"]
 
 
@@ -56,25 +57,25 @@ def learning_run(tmp_path_factory):
 
 def test_policy_moves_toward_higher_reward(learning_run):
     _, _, out = learning_run
-    rewards = [h["reward"] for h in out["history"]]
+    rewards = [h["reward"] for h in out.history]
     assert len(rewards) == 10
     assert np.mean(rewards[-3:]) > 2 * np.mean(rewards[:3]), rewards  # measured: 0.05 -> 0.15
 
 
 def test_rollout_logprobs_match_the_training_forward_and_metrics(learning_run):
     _, _, out = learning_run
-    for h in out["history"]:
+    for h in out.history:
         assert h["logp_mismatch"] < 1e-4  # sampler log-probs == pi_old recomputed by the training forward
         assert h["updates"] == 4  # inner_epochs x minibatches
         for key in ("kl", "clip_fraction", "entropy", "reward_digits", "response_length", "sampling_tokens_per_s",
                     "training_tokens_per_s", "grad_norm", "load_max_over_mean"):
             assert np.isfinite(h[key]), key
-    assert out["history"][-1]["kl"] > 0  # the policy left the (never refreshed) reference
+    assert out.history[-1]["kl"] > 0  # the policy left the (never refreshed) reference
 
 
 def test_checkpoint_holds_the_reference_and_moe_biases_moved(learning_run):
     cfg, run, out = learning_run
-    state = out["state"]
+    state = out.state
     assert isinstance(state, GRPOState) and int(state.step) == 10 and int(state.opt_step) == 40
     assert state.ref_params is not None
     ref, params = leaves(state.ref_params), leaves(state.params)
@@ -92,29 +93,29 @@ def test_resume_after_a_crash_reproduces_the_run(learning_run, tmp_path):
     again = run_grpo(config(*[f"{k}" for k in ("train.steps=10", "grpo.beta=0.04", "grpo.ref_refresh_every=400",
                                                "grpo.inner_epochs=2", "checkpoint.every=5")],
                             f"checkpoint.dir={copy}"), reward_fn=digit_share)
-    assert again["how"] == "resume" and again["step"] == 10
-    first = {h["step"]: h for h in out["history"]}
-    for h in again["history"]:
+    assert again.how == "resume" and again.step == 10
+    first = {h["step"]: h for h in out.history}
+    for h in again.history:
         assert h["reward"] == pytest.approx(first[h["step"]]["reward"], abs=1e-6)
         assert h["loss"] == pytest.approx(first[h["step"]]["loss"], rel=1e-4, abs=1e-7)
-    for a, b in zip(leaves(out["state"].params), leaves(again["state"].params)):
+    for a, b in zip(leaves(out.state.params), leaves(again.state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(leaves(out["state"].ref_params), leaves(again["state"].ref_params)):
+    for a, b in zip(leaves(out.state.ref_params), leaves(again.state.ref_params)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_dynamic_sampling_drops_uninformative_groups_and_beta_zero_keeps_no_reference():
     cfg = config("train.steps=2", "grpo.beta=0", "grpo.dynamic_sampling=true")
     out = run_grpo(cfg, reward_fn=constant)
-    state = out["state"]
+    state = out.state
     assert state.ref_params is None
-    assert all(h["groups_kept"] == 0 and h["updates"] == 0 for h in out["history"])
+    assert all(h["groups_kept"] == 0 and h["updates"] == 0 for h in out.history)
     assert int(state.opt_step) == 0  # no optimizer step: all-equal groups carry no signal
 
 
 def test_reference_refresh_copies_the_policy():
     out = run_grpo(config("train.steps=2", "grpo.beta=0.04", "grpo.ref_refresh_every=2"), reward_fn=digit_share)
-    for a, b in zip(leaves(out["state"].ref_params), leaves(out["state"].params)):
+    for a, b in zip(leaves(out.state.ref_params), leaves(out.state.params)):
         np.testing.assert_array_equal(a, b)
 
 

@@ -32,10 +32,12 @@ checkpoint: {{every: 2, keep: 2, async_save: false}}
 """,
     "grpo.yaml": """base: teacher.yaml
 train: {steps: 4, eval_every: 2}
-grpo: {group_size: 4, prompts_per_step: 4, max_new_tokens: 16, minibatches: 2, beta: 0.0, temperature: 1.0}
+grpo: {group_size: 4, prompts_per_step: 4, minibatches: 2, beta: 0.0}
+sampling: {max_new_tokens: 16, temperature: 1.0}
 """,
     "rejection.yaml": """base: teacher.yaml
-rejection: {prompts: 8, samples_per_prompt: 2, prompts_per_batch: 4, max_new_tokens: 16}
+rejection: {prompts: 8, samples_per_prompt: 2, prompts_per_batch: 4}
+sampling: {max_new_tokens: 16, temperature: 0.6, top_p: 0.95}
 """,
     "student.yaml": f"""base: [{CONFIGS / 'models' / 'tiny_qwen2.yaml'}, task.yaml]
 train: {{steps: 6, eval_every: 3}}
@@ -44,7 +46,8 @@ distill: {{mode: logits, loss: forward_kl, temperature: 2.0}}
 checkpoint: {{every: 2, keep: 2, async_save: false}}
 """,
     "eval.yaml": """base: teacher.yaml
-eval: {sets: [heldout], k: 2, examples: 8, max_new_tokens: 16}
+eval: {sets: [heldout], k: 2, examples: 8}
+sampling: {max_new_tokens: 16, temperature: 0.6, top_p: 0.95}
 """,
     "pipeline.yaml": """name: mini
 dir: RUN

@@ -64,6 +64,30 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+def findall_last_tag(text):
+    """The last <answer>...</answer> as the regex scan finds it (the old parser, re-derived)."""
+    found = [(m.start(), m.group(1)) for m in re.finditer(r"<answer>(.*?)</answer>", text, re.DOTALL)]
+    return found[-1] if found else None
+
+
+@given(st.lists(st.sampled_from(["<answer>", "</answer>", "a", "<ans", "wer>", "\n", "</", "x y"]), max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_answer_tag_pairs_tags_as_a_left_to_right_scan(parts):
+    from r1jax.rewards import answer_tag
+
+    text = "".join(parts)
+    got = answer_tag(text)
+    assert (None if got is None else (got.start, got.content)) == findall_last_tag(text)
+
+
+def test_answer_tag_on_a_flood_of_opening_tags():
+    """100,000 unclosed tags (800 KB; the regex scan took over 8 s on them, this parser is linear)."""
+    from r1jax.rewards import answer_tag
+
+    assert answer_tag("<answer>" * 100_000) is None
+    assert answer_tag("<answer>" * 100_000 + "7</answer>").content == "<answer>" * 99_999 + "7"
+
+
 def test_boxed_round_trips_every_math500_answer():
     """Brace matching on real LaTeX: nested groups, \\left( \\right), \\{ \\}, matrices."""
     src = math500()

@@ -181,3 +181,17 @@ def test_sharded_greedy_equals_single_device(devices8, name, sizes, monkeypatch)
     np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(ref["tokens"]))
     np.testing.assert_array_equal(np.asarray(out["lengths"]), np.asarray(ref["lengths"]))
     np.testing.assert_allclose(np.asarray(out["logprobs"]), np.asarray(ref["logprobs"]), atol=1e-5)
+
+
+def test_profiles_name_prefill_and_decode():
+    """The sampler's compiled program names its two phases (jax.named_scope), with the model's parts
+    inside the decode loop."""
+    import re
+
+    cfg, graphdef, state = model("tiny_qwen2")
+    toks, lens = pad_prompts([np.arange(1, 6, dtype=np.int32)], 12, 0)
+    text = generate.lower(graphdef, state, toks, lens, jax.random.key(0), max_new_tokens=4, eos_id=-1).compile().as_text()
+    names = re.findall(r'op_name="([^"]+)"', text)
+    assert any("/prefill/" in n and "/attention/" in n for n in names)
+    assert any("/decode/" in n and "/attention/" in n for n in names)
+    assert any("/decode/" in n and "/head/" in n for n in names)

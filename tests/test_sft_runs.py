@@ -18,7 +18,7 @@ import yaml
 from conftest import CONFIGS, ROOT
 from r1jax.checkpoint import RunCheckpointer
 from r1jax.config import load_config
-from r1jax.train.stage import _with_shardings
+from r1jax.stages.start import _with_shardings
 from r1jax.train.state import abstract_train_state, make_context
 
 TINY = {"base": str(CONFIGS / "models" / "tiny_v3.yaml"),

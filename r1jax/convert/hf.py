@@ -29,6 +29,7 @@ from r1jax.config import ConfigError, ModelConfig, build
 from r1jax.convert.safetensors_io import SCALE_SUFFIX, Checkpoint, SafetensorsWriter
 from r1jax.errors import CheckpointError
 from r1jax.models.transformer import abstract_model
+from r1jax.progress import Progress
 from r1jax.sharding import state_shardings
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -329,11 +330,13 @@ def _check(ckpt: Checkpoint, cfg: ModelConfig, entries: list[Entry], flat: dict)
                               f"{', '.join(leftover[:3])}{more}")
 
 
-def load_hf(path: str | Path, cfg: ModelConfig | None = None, mesh=None) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+def load_hf(path: str | Path, cfg: ModelConfig | None = None, mesh=None,
+            progress: bool = False) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """(config, graphdef, state) from an HF checkpoint directory, each shard read in place.
 
     Without `cfg` the model config comes from the checkpoint's config.json. With `mesh`,
     parameters are created in their shardings (see r1jax.sharding); otherwise on one device.
+    `progress`: a progress bar over the HF tensors read (r1jax.progress).
     """
     ckpt = Checkpoint(path)
     if cfg is None:
@@ -352,8 +355,12 @@ def load_hf(path: str | Path, cfg: ModelConfig | None = None, mesh=None) -> tupl
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = {p: dev for p in flat}
     arrays = {}
+    bar = Progress(sum(len(e.names()) for e in entries), "reading HF tensors", "tensor",
+                   active=None if progress else False)
     for entry in entries:
         arrays[entry.path] = _load_entry(ckpt, entry, flat[entry.path], shardings[entry.path])
+        bar.update(len(entry.names()))
+    bar.close()
     for p, struct in flat.items():  # e.g. V2 has no correction bias: it starts at zero
         if p not in arrays:
             arrays[p] = jax.make_array_from_callback(
@@ -430,10 +437,10 @@ def _host_slice(arr: jax.Array, idx: tuple[int, ...]) -> np.ndarray:
 
 
 def save_hf(state: nnx.State, cfg: ModelConfig, out_dir: str | Path, dtype: str | None = None,
-            max_shard_bytes: int = 5 * 2**30) -> Path:
+            max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> Path:
     """Write `state` as an HF checkpoint (safetensors shards + index + config.json) in `out_dir`.
 
-    Tensors stream to disk one layer-and-expert slice at a time. The output is assembled in a
+    Tensors stream to disk one layer-and-expert slice at a time (`progress`: a bar over them). The output is assembled in a
     sibling temporary directory and renamed into place at the end, and an existing non-empty
     `out_dir` is refused, so nothing already saved is overwritten or left half-written.
     """
@@ -470,6 +477,7 @@ def save_hf(state: nnx.State, cfg: ModelConfig, out_dir: str | Path, dtype: str 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         writer = SafetensorsWriter(tmp, plan, max_shard_bytes, metadata={"producer": "r1jax"})
+    bar = Progress(len(plan), "writing HF tensors", "tensor", active=None if progress else False)
     try:
         for entry in entries:
             arr = flat[entry.path]
@@ -478,6 +486,8 @@ def save_hf(state: nnx.State, cfg: ModelConfig, out_dir: str | Path, dtype: str 
                 if primary:
                     for n in [name, *copies.get(name, [])]:
                         writer.write(n, piece)
+                bar.update(1 + len(copies.get(name, [])))
+        bar.close()
         if primary:
             writer.close()
             (tmp / "config.json").write_text(json.dumps(hf_config_from_model(cfg, dtype), indent=2) + "\n")

@@ -3,7 +3,7 @@ the SFT sample sets that rejection sampling writes.
 
 `prepare(name, data_dir)` writes an eval set with `file_format="array_record"` from the JSONL files in
 `r1jax/data/eval/` (nothing is downloaded); `write_samples(examples, data_dir)` writes SFT examples
-(r1jax.train.rejection.write_dataset puts them in out_dir/tfds). `tfds_source(name, split, data_dir)`
+(r1jax.rejection.write_dataset puts them in out_dir/tfds). `tfds_source(name, split, data_dir)`
 reads either back with `tfds.data_source` as a grain random-access source, in the written order (the
 builders disable tfds's shuffling): an eval set gives the records `sources.EVAL_SETS` gives, the
 "samples" set the records of the rejection dataset's train.jsonl. No path imports TensorFlow: tfds
@@ -100,9 +100,9 @@ class R1jaxSamples(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Written by r1jax.train.rejection.write_dataset."}
+    RELEASE_NOTES = {"1.0.0": "Written by r1jax.rejection.write_dataset."}
     SPLITS: tuple[str, ...] = ("train",)
-    HOW_TO_PREPARE = ("the rejection stage writes it as <out_dir>/tfds (r1jax.train.rejection.write_dataset); "
+    HOW_TO_PREPARE = ("the rejection stage writes it as <out_dir>/tfds (r1jax.rejection.write_dataset); "
                       "a dataset with no examples has only train.jsonl")
 
     def __init__(self, *, examples: Sequence[Mapping[str, Any]] | None = None, **kwargs):

@@ -87,18 +87,21 @@ def routed_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate:
     """
     t, k = experts.shape
     e_loc = w_gate.shape[0]
-    local = experts.reshape(-1) - first_expert  # [T*k]
-    key = jnp.where((local >= 0) & (local < e_loc), local, e_loc)
-    order = jnp.argsort(key, stable=True)  # assignments grouped by local expert
-    group_sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
-    xs = x[order // k]  # [T*k, d]
+    with jax.named_scope("dispatch"):
+        local = experts.reshape(-1) - first_expert  # [T*k]
+        key = jnp.where((local >= 0) & (local < e_loc), local, e_loc)
+        order = jnp.argsort(key, stable=True)  # assignments grouped by local expert
+        group_sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
+        xs = x[order // k]  # [T*k, d]
     dt = x.dtype
-    gate = grouped_matmul(xs, w_gate.astype(dt), group_sizes, impl)  # [T*k, f]
-    up = grouped_matmul(xs, w_up.astype(dt), group_sizes, impl)
-    ys = grouped_matmul(jax.nn.silu(gate) * up, w_down.astype(dt), group_sizes, impl)  # [T*k, d]
-    ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    return ys[inverse].reshape(t, k, -1).sum(1).astype(dt)
+    with jax.named_scope("experts"):
+        gate = grouped_matmul(xs, w_gate.astype(dt), group_sizes, impl)  # [T*k, f]
+        up = grouped_matmul(xs, w_up.astype(dt), group_sizes, impl)
+        ys = grouped_matmul(jax.nn.silu(gate) * up, w_down.astype(dt), group_sizes, impl)  # [T*k, d]
+    with jax.named_scope("combine"):
+        ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        return ys[inverse].reshape(t, k, -1).sum(1).astype(dt)
 
 
 def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh, impl: str = "auto"):
@@ -139,17 +142,20 @@ def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh, impl
             w_up = jax.lax.all_gather(w_up, fsdp_axes, axis=1, tiled=True)
             w_down = jax.lax.all_gather(w_down, fsdp_axes, axis=2, tiled=True)
         if gather_axes:
-            x, experts, weights = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True) for a in (x, experts, weights))
+            with jax.named_scope("dispatch"):
+                x, experts, weights = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True)
+                                       for a in (x, experts, weights))
         b, s, d = x.shape
         shard = 0
         for ax in expert_axes:  # linear index of this device's expert shard
             shard = shard * ms[ax] + jax.lax.axis_index(ax)
         y = routed_experts(x.reshape(b * s, d), experts.reshape(b * s, -1), weights.reshape(b * s, -1),
                            w_gate, w_up, w_down, first_expert=shard * w_gate.shape[0], impl=impl).reshape(b, s, d)
-        if tensor_axes or sum_axes:
-            y = jax.lax.psum(y, tensor_axes + sum_axes)
-        if gather_axes:
-            y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
+        with jax.named_scope("combine"):
+            if tensor_axes or sum_axes:
+                y = jax.lax.psum(y, tensor_axes + sum_axes)
+            if gather_axes:
+                y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
         return y
 
     return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, gate_spec, gate_spec, down_spec),
@@ -175,7 +181,8 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, dict]:
         cfg = self.cfg
         b, s, d = x.shape
-        weights, experts, scores = route(x.reshape(b * s, d), self.router[...], self.router_bias[...], cfg)
+        with jax.named_scope("routing"):
+            weights, experts, scores = route(x.reshape(b * s, d), self.router[...], self.router_bias[...], cfg)
         weights, experts = weights.reshape(b, s, -1), experts.reshape(b, s, -1)
         mesh = active_mesh()
         wg, wu, wd = self.w_gate[...], self.w_up[...], self.w_down[...]
@@ -185,7 +192,8 @@ class MoE(nnx.Module):
         else:
             y = routed_experts_sharded(x, experts, weights, wg, wu, wd, mesh, cfg.moe_impl)
         if cfg.n_shared_experts:
-            y = y + self.shared(x)
+            with jax.named_scope("shared_experts"):
+                y = y + self.shared(x)
         aux = {
             "load": expert_load(experts, token_mask, cfg.n_routed_experts),
             "balance_loss": sequence_balance_loss(scores.reshape(b, s, -1), experts, token_mask,

@@ -71,7 +71,8 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
         x = constrain(x, ("batch", "length", "act_embed"))
         want_cache = bool(ctx.get("want_cache"))
-        out = self.attn(self.attn_norm(x), ctx["cos"], ctx["sin"], ctx["mask"], want_cache=want_cache)
+        with jax.named_scope("attention"):
+            out = self.attn(self.attn_norm(x), ctx["cos"], ctx["sin"], ctx["mask"], want_cache=want_cache)
         out, cache = out if want_cache else (out, None)
         x = x + out
         y, aux = self._ffn(x, ctx["token_mask"])
@@ -80,12 +81,15 @@ class Block(nnx.Module):
     def _ffn(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, dict]:
         h = self.mlp_norm(x)
         if isinstance(self.mlp, MoE):
-            return self.mlp(h, token_mask)
-        return self.mlp(h), {}
+            with jax.named_scope("moe"):
+                return self.mlp(h, token_mask)
+        with jax.named_scope("mlp"):
+            return self.mlp(h), {}
 
     def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array):
         """One token per row: x [B, 1, d] -> (x, updated layer cache)."""
-        out, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, pos)
+        with jax.named_scope("attention"):
+            out, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, pos)
         x = x + out
         y, _ = self._ffn(x, jnp.ones(x.shape[:2], bool))
         return x + y, cache
@@ -138,7 +142,8 @@ class Transformer(nnx.Module):
     def head(self, h: jax.Array) -> jax.Array:
         """Normalised hidden [..., d_model] -> float32 logits [..., vocab]."""
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        with jax.named_scope("head"):
+            logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab")) if logits.ndim == 3 else logits
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -229,7 +234,8 @@ class Transformer(nnx.Module):
             h_k, aux_k = module(h_prev, emb_k, ctx)
             return h_k, (h_k, aux_k)
 
-        _, (hidden, mtp_aux) = scan_modules(self.mtp, step, h, emb, remat=self.cfg.remat)
+        with jax.named_scope("mtp"):
+            _, (hidden, mtp_aux) = scan_modules(self.mtp, step, h, emb, remat=self.cfg.remat)
         out = {"mtp_logits": self.head(hidden.reshape(d * b, s, -1)).reshape(d, b, s, -1)}
         if self.cfg.is_moe:
             out["mtp_load"], out["mtp_balance_loss"] = mtp_aux["load"], mtp_aux["balance_loss"]

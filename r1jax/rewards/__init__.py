@@ -10,18 +10,14 @@ R1 section 2.2.2 trains R1-Zero on two rule-based rewards, no neural reward mode
 R1 section 2.3.2 adds, for the cold-started RL stage, a language-consistency reward
 (`language_consistency`): the share of target-language words in the chain of thought.
 
+Answers are read by `answer.answer_tag` (the one `<answer>` parser) and `answer.extract_answer`;
+`check_answer(record, completion)` is the verdict evaluation and rejection sampling share with GRPO.
 `RewardFn(weights)(completions, records)` combines them with weights, scoring in worker processes
 with a per-completion timeout; the GRPO driver calls it once per rollout batch.
 """
 
-from r1jax.rewards.accuracy import (
-    accuracy_reward,
-    answers_equivalent,
-    extract_answer,
-    extract_boxed,
-    is_code_record,
-    normalize_answer,
-)
+from r1jax.rewards.accuracy import accuracy_reward, answers_equivalent, check_answer, is_code_record, normalize_answer
+from r1jax.rewards.answer import AnswerTag, answer_tag, extract_answer, extract_boxed
 from r1jax.rewards.code import (
     RunResult,
     code_reward,
@@ -36,12 +32,15 @@ from r1jax.rewards.format import format_reward
 from r1jax.rewards.language import LANGUAGE_PREDICATES, language_consistency, reasoning_text
 
 __all__ = [
+    "AnswerTag",
     "COMPONENTS",
     "LANGUAGE_PREDICATES",
     "RewardFn",
     "RunResult",
     "accuracy_reward",
+    "answer_tag",
     "answers_equivalent",
+    "check_answer",
     "code_reward",
     "extract_answer",
     "extract_boxed",

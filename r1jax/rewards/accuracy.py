@@ -16,73 +16,10 @@ from fractions import Fraction
 from typing import Any
 
 from r1jax.data.procedural import check_arithmetic, check_countdown
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_BOX_CMD = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_HASHES = re.compile(r"####[ \t]*([^\n]*)")
+from r1jax.rewards.answer import extract_answer, extract_boxed  # noqa: F401 (part of this module's API)
 
 MAX_VERIFY_CHARS = 400  # longer answers are compared as strings only: sympy on them can run for minutes
 VERIFY_TIMEOUT_S = 2  # math-verify's SIGALRM limit per parse / comparison (whole seconds)
-
-
-# --------------------------------------------------------------------------------------------------
-# Extraction
-# --------------------------------------------------------------------------------------------------
-
-def _braced(text: str, start: int) -> str | None:
-    """Content of the brace group opening at text[start] == "{", braces balanced; `\\{` and `\\}` are
-    literal characters, not grouping. None if the group never closes."""
-    depth, i = 0, start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i]
-        i += 1
-    return None
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` / `\\fbox{...}` (nested braces balanced), or of
-    `\\boxed 5` (argument up to the next space or `$`); None if there is none."""
-    for match in reversed(list(_BOX_CMD.finditer(text))):
-        i = match.end()
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            inner = _braced(text, i)
-        else:
-            inner = re.match(r"[^\s$]*", text[i:]).group(0) or None
-        if inner is not None:
-            return inner.strip()
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a completion, stripped; None if it states none.
-
-    Priority: the last `<answer>...</answer>` (and if that contains `\\boxed{}`, the boxed part), else
-    the last `\\boxed{}`/`\\fbox{}`, else the last GSM8K-style `#### <answer>` line.
-    """
-    if not isinstance(text, str):
-        return None
-    tags = _ANSWER_TAG.findall(text)
-    if tags:
-        inner = tags[-1]
-        boxed = extract_boxed(inner)
-        return boxed if boxed is not None else inner.strip()
-    boxed = extract_boxed(text)
-    if boxed is not None:
-        return boxed
-    hashes = _HASHES.findall(text)
-    return hashes[-1].strip() if hashes else None
-
 
 # --------------------------------------------------------------------------------------------------
 # Equivalence
@@ -232,3 +169,9 @@ def accuracy_reward(completion: str, record: Mapping[str, Any]) -> float:
         return 1.0 if ok else 0.0
     except Exception:  # noqa: BLE001
         return 0.0
+
+
+def check_answer(record: Mapping[str, Any], completion: str) -> bool:
+    """Is `completion` right for `record`? The accuracy reward's verdict (`accuracy_reward` > 0.5): the
+    one check held-out evaluation, sampled evaluation and rejection sampling share with GRPO."""
+    return accuracy_reward(completion, record) > 0.5

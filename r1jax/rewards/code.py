@@ -42,6 +42,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from r1jax.rewards.answer import answer_tag
+
 OUTPUT_CAP_BYTES = 16 * 1024 * 1024  # RLIMIT_FSIZE: also bounds the captured stdout
 MAX_PROCESSES = 32  # RLIMIT_NPROC headroom above what the sandbox uid already runs
 NOBODY = 65534
@@ -349,7 +351,6 @@ def run_tests(program: str, tests: Sequence[Mapping[str, str]], *, timeout: floa
     return passed / len(tests)
 
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
@@ -358,12 +359,12 @@ def extract_program(completion: str) -> str | None:
     answer's text; without an <answer>, the last fenced block anywhere; else None."""
     if not isinstance(completion, str):
         return None
-    tags = _ANSWER_TAG.findall(completion)
-    region = tags[-1] if tags else completion
+    tag = answer_tag(completion)
+    region = tag.content if tag is not None else completion
     blocks = _FENCE.findall(region)
     if blocks:
         return blocks[-1]
-    if not tags:
+    if tag is None:
         return None
     return region.strip() or None
 

@@ -45,8 +45,9 @@ from flax import nnx
 
 from r1jax.sharding import constrain
 from r1jax.train.losses import token_cross_entropy
-from r1jax.train.sft import BATCH_KEYS, apply_gradients, microbatches
+from r1jax.train.sft import BATCH_KEYS
 from r1jax.train.state import StepContext, TrainState
+from r1jax.train.update import accumulate_gradients, apply_gradients, balance_term
 
 Kind = Literal["forward_kl", "reverse_kl", "jsd"]
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -159,7 +160,6 @@ def distill_loss(student_logits: jax.Array, teacher: jax.Array | tuple[jax.Array
 def _objective(params, bias, teacher_logits, batch, norm, *, ctx: StepContext, loss_kw: dict, top_k: int,
                ce_weight: float):
     """Student objective of one microbatch: distill_sum / tokens + ce_weight * CE (+ balance if MoE)."""
-    cfg = ctx.cfg
     model = nnx.merge(ctx.graphdef, params, bias)
     logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [B, S, Vs]
     teacher = teacher_logits
@@ -169,11 +169,10 @@ def _objective(params, bias, teacher_logits, batch, norm, *, ctx: StepContext, l
     ce_sum, _ = token_cross_entropy(logits[..., :loss_kw["vocab"]], batch["targets"], batch["loss_mask"])
     objective = (d_sum + ce_weight * ce_sum) / norm["tokens"]
     stats = {"distill_sum": d_sum, "ce_sum": ce_sum, "tokens": n}
-    if cfg.model.is_moe:
-        balance = jnp.mean(aux["balance_loss"])
-        objective += cfg.train.balance_loss_coef * balance / norm["micro"]
-        stats["balance"] = balance
-        stats["load"] = aux["moe_load"]
+    if ctx.model.is_moe:
+        term, more = balance_term(aux, ctx.balance_loss_coef, norm["micro"])
+        objective += term
+        stats.update(more)
     return objective, stats
 
 
@@ -191,16 +190,15 @@ def distill_step(state: TrainState, teacher_params: nnx.State, teacher_bias: nnx
     distribution. ce_weight mixes in the hard-label cross-entropy on `targets` (same token mean).
 
     Objective: [distill_loss + ce_weight * CE] + balance_loss_coef * balance (MoE student), summed
-    over cfg.train.grad_accum microbatches (the teacher runs per microbatch). The student's MTP modules
+    over ctx.grad_accum microbatches (the teacher runs per microbatch). The student's MTP modules
     are not trained here. A MoE student's router biases move by the aux-loss-free rule as in sft_step.
     Jit with ctx, teacher_graphdef and the loss settings bound (functools.partial). `rng` is unused.
     Metrics: loss (the distillation divergence, token mean), ce, objective, grad_norm, lr, tokens,
     seq_tokens (+ balance_loss, load_max_over_mean for a MoE student).
     """
     del rng
-    cfg = ctx.cfg
     batch = {k: constrain(batch[k], ("batch", "length")) for k in BATCH_KEYS}
-    a = cfg.train.grad_accum
+    a = ctx.grad_accum
     norm = {"tokens": jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0), "micro": float(a)}
     loss_kw = {"kind": kind, "beta": beta, "tau": tau, "tau_sq_scale": tau_sq_scale, "vocab": vocab}
     teacher_params, teacher_bias = jax.lax.stop_gradient((teacher_params, teacher_bias))
@@ -210,59 +208,18 @@ def distill_step(state: TrainState, teacher_params: nnx.State, teacher_bias: nnx
             mb["tokens"], mb["positions"], mb["segment_ids"])
         return jax.lax.stop_gradient(logits)  # [b, S, Vt]
 
-    grad_fn = jax.value_and_grad(
-        lambda p, t, mb: _objective(p, state.router_bias, t, mb, norm, ctx=ctx, loss_kw=loss_kw, top_k=top_k,
-                                    ce_weight=ce_weight), has_aux=True)
+    def loss_fn(params, mb):
+        return _objective(params, state.router_bias, teacher_forward(mb), mb, norm, ctx=ctx, loss_kw=loss_kw,
+                          top_k=top_k, ce_weight=ce_weight)
 
-    def accumulate(carry, mb):
-        grads, totals = carry
-        (obj, stats), g = grad_fn(state.params, teacher_forward(mb), mb)
-        stats = dict(stats, objective=obj)
-        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, stats)), None
-
-    mb0 = jax.tree.map(lambda x: x[:x.shape[0] // a], batch)
-    first = jax.eval_shape(lambda: grad_fn(state.params, teacher_forward(mb0), mb0))
-    stat_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(first[0][1], objective=first[0][0]))
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, totals), _ = jax.lax.scan(accumulate, (zeros, stat_zeros), microbatches(batch, a))
-
+    grads, totals = accumulate_gradients(loss_fn, state.params, batch, a)
     metrics = {"loss": totals["distill_sum"] / norm["tokens"], "ce": totals["ce_sum"] / norm["tokens"],
-               "objective": totals["objective"]}
-    new_state, more = apply_gradients(state, grads, totals, batch, a, ctx=ctx)
+               "objective": totals["objective"], "tokens": totals["tokens"],
+               "seq_tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))}
+    loads = None
+    if ctx.model.is_moe:
+        loads = {"moe": totals["load"]}
+        metrics["balance_loss"] = totals["balance"] / a
+    new_state, more = apply_gradients(state, grads, loads, ctx=ctx)
     metrics.update(more)
     return new_state, metrics
-
-
-def run_distill(cfg) -> dict:
-    """`r1jax distill CONFIG`: train the student `model` on `data`.
-
-    distill.mode sequence: the paper's distillation (R1 section 2.4), SFT of the student on the
-    teacher's accepted samples (data.path: a rejection-sampling dataset). distill.mode logits: the
-    frozen teacher checkpoint distill.teacher runs beside the student on the same mesh and batch, and
-    the student minimises distill.loss (see `distill_step`). Resumes like SFT. Returns run_sft's dict.
-    """
-    import functools
-
-    from r1jax.errors import ConfigError
-    from r1jax.models.layers import RouterBias
-    from r1jax.train.sft import run_sft
-    from r1jax.train.stage import load_policy
-
-    d = cfg.distill
-    if d.mode == "sequence":
-        return run_sft(cfg)
-
-    def build(ctx: StepContext, mesh, tok, shardings, batch_sharding):
-        mesh_overrides = [f"mesh.{k}={getattr(cfg.mesh, k)}" for k in ("data", "fsdp", "expert", "tensor")]
-        teacher = load_policy(d.teacher, mesh_overrides)
-        if teacher.tokenizer is None or teacher.tokenizer.files() != tok.files():
-            raise ConfigError(f"distill.teacher: {d.teacher} was trained with another tokenizer than this student's "
-                              "(logit distillation compares token distributions: set tokenizer.path to the teacher's)")
-        t_params, t_bias = nnx.split_state(teacher.state, nnx.Param, RouterBias)
-        step = jax.jit(functools.partial(distill_step, ctx=ctx, teacher_graphdef=teacher.graphdef,
-                                         vocab=tok.vocab_size, kind=d.loss, beta=d.jsd_beta, tau=d.temperature,
-                                         top_k=d.top_k, ce_weight=d.ce_weight),
-                       donate_argnums=0, out_shardings=(shardings, None))
-        return lambda state, batch, rng: step(state, t_params, t_bias, batch, rng)
-
-    return run_sft(cfg, step_builder=build)

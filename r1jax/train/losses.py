@@ -1,4 +1,5 @@
-"""Losses as small pure functions: token cross-entropy, MTP targets (GRPO and distillation join later)."""
+"""Losses as small pure functions: token cross-entropy, MTP targets, the GRPO family (distillation's
+divergences live in train/distill.py)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def group_advantages(rewards: jax.Array, group_size: int, *, std_normalize: bool
 
     GRPO (DeepSeekMath section 4.1.2): A_i = (r_i - mean(r)) / std(r).
     Dr. GRPO (std_normalize=False): A_i = r_i - mean(r).
+    std is the population standard deviation of the group (ddof 0, divided by G, not G - 1):
+    DeepSeekMath's formula writes std(r) without saying which, and this is the one numpy and
+    jnp.std compute by default (TRL computes the sample std, ddof 1, instead).
     leave_one_out (RLOO baseline): A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r)),
     divided by std(r) too when std_normalize.
     """
@@ -95,32 +99,42 @@ def overlong_penalty(lengths: jax.Array, max_len: int, cache_len: int) -> jax.Ar
     return jnp.where(lengths <= start, 0.0, jnp.where(lengths <= max_len, ramp, -1.0))
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int) -> jax.Array:
+def aggregate_norm(mask: jax.Array) -> dict:
+    """The denominators `aggregate` divides by, of a whole batch: {"seqs": sequences with response
+    tokens, "tokens": response tokens}, each at least 1. mask [B, T]."""
+    lens = jnp.sum(mask.astype(jnp.float32), axis=-1)
+    return {"seqs": jnp.maximum(jnp.sum((lens > 0).astype(jnp.float32)), 1.0), "tokens": jnp.maximum(jnp.sum(lens), 1.0)}
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int, norm: dict | None = None) -> jax.Array:
     """Reduce a per-token loss [B, T] over response tokens (mask [B, T]) to a scalar.
 
     seq-mean-token-mean (DeepSeekMath eq. 3): mean_i ( 1/|o_i| sum_t l_it )
     token-mean (DAPO eq. 8): sum_{i,t} l_it / sum_i |o_i|
     seq-mean-token-sum-norm (Dr. GRPO): mean_i ( sum_t l_it / max_len )
-    Sequences with no response tokens count in none of them.
+    Sequences with no response tokens count in none of them. `norm`: the whole batch's
+    `aggregate_norm` when the rows are one microbatch of it (the microbatch results then add up to
+    the batch's); default: these rows' own.
     """
     m = mask.astype(jnp.float32)
     lens = jnp.sum(m, axis=-1)
     has = (lens > 0).astype(jnp.float32)
-    n_seq = jnp.maximum(jnp.sum(has), 1.0)
+    norm = norm if norm is not None else aggregate_norm(mask)
     sums = jnp.sum(per_token * m, axis=-1)
     if mode == "seq-mean-token-mean":
-        return jnp.sum(has * sums / jnp.maximum(lens, 1.0)) / n_seq
+        return jnp.sum(has * sums / jnp.maximum(lens, 1.0)) / norm["seqs"]
     if mode == "token-mean":
-        return jnp.sum(sums) / jnp.maximum(jnp.sum(lens), 1.0)
+        return jnp.sum(sums) / norm["tokens"]
     if mode == "seq-mean-token-sum-norm":
-        return jnp.sum(has * sums / max_len) / n_seq
+        return jnp.sum(has * sums / max_len) / norm["seqs"]
     raise ValueError(f"unknown aggregation {mode!r} (known: {', '.join(AGGREGATIONS)})")
 
 
 def policy_objective(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array, *,
                      clip_low: float, clip_high: float, ratio_level: str = "token",
                      ref_logp: jax.Array | None = None, beta: float = 0.0, kl: str = "k3",
-                     aggregation: str = "seq-mean-token-mean", max_len: int = 1) -> tuple[jax.Array, dict]:
+                     aggregation: str = "seq-mean-token-mean", max_len: int = 1,
+                     norm: dict | None = None) -> tuple[jax.Array, dict]:
     """GRPO loss to minimise (the negated objective) and its statistics.
 
     logp, old_logp, ref_logp [B, T]: log-probs of the sampled tokens under pi_theta, pi_old, pi_ref;
@@ -129,7 +143,10 @@ def policy_objective(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array
     token ratio (GRPO/DAPO): r_it = pi_theta / pi_old per token;
     sequence ratio (GSPO): s_i = exp(mean_t log(pi_theta / pi_old)), shared by the sequence's tokens.
     l_it = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + beta * KL_it, aggregated by `aggregation`.
+    norm: the whole batch's `aggregate_norm` when these rows are one microbatch of it (the loss and
+    the token-mean statistics then add up over microbatches); default: these rows' own.
     """
+    norm = norm if norm is not None else aggregate_norm(mask)
     m = mask.astype(jnp.float32)
     log_ratio = (logp - old_logp) * m
     if ratio_level == "sequence":
@@ -142,12 +159,12 @@ def policy_objective(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -jnp.minimum(unclipped, clipped)
-    stats = {"clip_fraction": jnp.sum((clipped < unclipped).astype(jnp.float32) * m) / jnp.maximum(jnp.sum(m), 1.0)}
+    stats = {"clip_fraction": jnp.sum((clipped < unclipped).astype(jnp.float32) * m) / norm["tokens"]}
     if beta:
         kl_t = kl_estimate(logp, ref_logp, kl)
         per_token = per_token + beta * kl_t
-        stats["kl"] = jnp.sum(kl_t * m) / jnp.maximum(jnp.sum(m), 1.0)
-    return aggregate(per_token, mask, aggregation, max_len), stats
+        stats["kl"] = jnp.sum(kl_t * m) / norm["tokens"]
+    return aggregate(per_token, mask, aggregation, max_len, norm), stats
 
 
 def sampled_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from r1jax.config import Config, OptimizerConfig, TrainConfig
+from r1jax.config import Config, ModelConfig, OptimizerConfig, TrainConfig
 from r1jax.models.layers import RouterBias
 from r1jax.models.transformer import Transformer, abstract_model
 from r1jax.sharding import state_shardings
@@ -32,12 +32,19 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepContext:
-    """What an update function needs besides (state, batch, rng): static, hashable."""
+    """What an update function needs besides (state, batch, rng): the model's graph and config, the
+    optimizer and its schedule, and the step's hyperparameters. Static and hashable; bound to the
+    update functions with functools.partial(step, ctx=ctx)."""
 
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
     schedule: Any  # step -> learning rate
-    cfg: Config
+    model: ModelConfig
+    grad_accum: int = 1  # microbatches per optimizer step
+    balance_loss_coef: float = 0.0  # alpha of the sequence-wise balance loss (V3 section 2.1.2)
+    bias_update_speed: float = 0.0  # gamma of the aux-loss-free balancer (V3 section 2.1.2)
+    mtp: bool = False  # train the MTP modules (train.mtp and model.mtp_depth > 0)
+    loss: Any = None  # the step's own loss settings, e.g. grpo.GRPOLoss for grpo_step
 
 
 def learning_rate_schedule(opt: OptimizerConfig, steps: int) -> optax.Schedule:
@@ -85,17 +92,20 @@ def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]
     return graphdef, params, bias
 
 
-def make_context(cfg: Config, schedule_steps: int | None = None) -> StepContext:
+def make_context(cfg: Config, schedule_steps: int | None = None, loss: Any = None) -> StepContext:
     """The static half of a stage: model graph, optimizer, lr schedule over `schedule_steps`
-    optimizer steps (default train.steps)."""
+    optimizer steps (default train.steps), the train section's update hyperparameters, and the
+    step's own `loss` settings."""
     train = cfg.train if schedule_steps is None else dataclasses.replace(cfg.train, steps=schedule_steps)
     tx, schedule = make_optimizer(cfg.optimizer, train)
     graphdef, _, _ = split_model(abstract_model(cfg.model))
-    return StepContext(graphdef=graphdef, tx=tx, schedule=schedule, cfg=cfg)
+    return StepContext(graphdef=graphdef, tx=tx, schedule=schedule, model=cfg.model, grad_accum=train.grad_accum,
+                       balance_loss_coef=train.balance_loss_coef, bias_update_speed=train.bias_update_speed,
+                       mtp=bool(train.mtp and cfg.model.mtp_depth), loss=loss)
 
 
 def _create(ctx: StepContext, key: jax.Array, params: nnx.State | None = None, bias: nnx.State | None = None):
-    _, new_params, new_bias = split_model(Transformer(ctx.cfg.model, nnx.Rngs(key)))
+    _, new_params, new_bias = split_model(Transformer(ctx.model, nnx.Rngs(key)))
     params = new_params if params is None else params
     bias = new_bias if bias is None else bias
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=ctx.tx.init(params), router_bias=bias)
@@ -110,7 +120,7 @@ def train_state_shardings(ctx: StepContext, mesh) -> TrainState:
     """NamedShardings of every leaf: params by their logical axes, optimizer moments like their
     params, scalars (step, counts) replicated."""
     abstract = abstract_train_state(ctx)
-    _, p_abs, b_abs = split_model(abstract_model(ctx.cfg.model))
+    _, p_abs, b_abs = split_model(abstract_model(ctx.model))
     p_sh = state_shardings(p_abs, mesh)
     b_sh = state_shardings(b_abs, mesh)
     replicated = NamedSharding(mesh, P())

@@ -9,7 +9,8 @@ kept, and chains of thought "with mixed languages, long paragraphs, and code blo
              checks: duplicates, cap);
   mix        reasoning + non-reasoning examples at a configured non-reasoning share;
   write_dataset  out_dir/train.jsonl + out_dir/tfds (array_record) + out_dir/report.json, atomically;
-  run_rejection  the driver: policy_sample_fn -> select -> mix -> write_dataset.
+  run_rejection  policy_sample_fn -> select -> mix -> write_dataset (the stage driver,
+                 r1jax.stages.rejection, plugs the policy's sampler in).
 
 The pieces know nothing of JAX: `policy_sample_fn(records, k)` is whatever sampler the caller plugs in.
 """
@@ -21,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -33,7 +33,9 @@ import numpy as np
 
 from r1jax.config import RejectionConfig
 from r1jax.errors import ConfigError, DataError
-from r1jax.rewards.accuracy import extract_answer, is_code_record
+from r1jax.progress import Progress
+from r1jax.rewards.accuracy import is_code_record
+from r1jax.rewards.answer import answer_tag, extract_answer
 from r1jax.rewards.code import extract_program
 from r1jax.rewards.combine import score_components
 from r1jax.rewards.format import format_reward
@@ -49,7 +51,6 @@ REASONS = CHECK_ORDER + PROMPT_CHECKS
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _THINK = re.compile(r"<think>(.*?)(?:</think>|\Z)", re.DOTALL)
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _CODE_FENCE = re.compile(r"```|^[ \t]*~~~", re.MULTILINE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
@@ -81,12 +82,12 @@ def split_completion(completion: str) -> tuple[str, str | None]:
     (tokenizer.render_completion) writes its own.
     """
     think = _THINK.search(completion)
-    tags = list(_ANSWER_TAG.finditer(completion))
+    tag = answer_tag(completion)
     if think is not None:
         reasoning = think.group(1)
     else:
-        reasoning = completion[:tags[-1].start()] if tags else completion
-    answer = tags[-1].group(1) if tags else extract_answer(completion)
+        reasoning = completion[:tag.start] if tag is not None else completion
+    answer = tag.content if tag is not None else extract_answer(completion)
     return reasoning.strip(), None if answer is None else answer.strip()
 
 
@@ -435,14 +436,15 @@ def run_rejection(policy_sample_fn: Callable[[list[Mapping[str, Any]], int], Seq
                   records: Sequence[Mapping[str, Any]], settings: RejectionSettings, template: str,
                   out_dir: str | os.PathLike, non_reasoning: Sequence[Mapping[str, Any]] | None = None, *,
                   reward_fn: Callable | None = None, overwrite: bool = False,
-                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None] | None = None, progress: bool = False) -> dict[str, Any]:
     """Rejection-sampling stage: sample, select, mix, write. Returns the report written to report.json.
 
     policy_sample_fn(records, k) -> k completions (text after the prompt of `template`) per record,
     called on batches of settings.prompts_per_batch records. records: a sequence (or grain source) of
     {"id", "question", "answer", ...}, all validated before any sampling. non_reasoning: examples
     mixed in at settings.non_reasoning_ratio (`mix`); None or empty keeps only reasoning examples.
-    reward_fn: see `select`. log: called with a progress line after each batch.
+    reward_fn: see `select`. log: called with a progress line after each batch. progress: show a
+    progress bar (r1jax.progress: plain lines when stderr is no terminal; process 0 only).
     The report: `summarize` of all batches + {"template", "settings", "mix": {"reasoning",
     "non_reasoning"}, "seconds", "samples_per_second"} (+ "dataset", see write_dataset).
     """
@@ -453,16 +455,20 @@ def run_rejection(policy_sample_fn: Callable[[list[Mapping[str, Any]], int], Seq
     counts: dict[str, Counter] = {}
     kept: list[dict[str, Any]] = []
     start, n, step = time.perf_counter(), len(records), settings.prompts_per_batch
+    bar = Progress(n, "rejection sampling", "prompt", active=None if progress else False)
     for lo in range(0, n, step):
         batch = [records[i] for i in range(lo, min(lo + step, n))]
         comps = _sample_batch(policy_sample_fn, batch, settings.samples_per_prompt)
         batch_kept, batch_counts = _select(list(zip(batch, comps, strict=True)), settings, template, reward_fn)
         kept += batch_kept
         _merge(counts, batch_counts)
+        done = min(lo + step, n)
+        rate = done * settings.samples_per_prompt / (time.perf_counter() - start)
+        bar.update(len(batch), {"kept": f"{len(kept)}/{done * settings.samples_per_prompt}", "samples/s": f"{rate:.1f}"})
         if log is not None:
-            done = min(lo + step, n)
             log(f"rejection sampling: {done}/{n} prompts, kept {len(kept)} of {done * settings.samples_per_prompt} "
-                f"samples, {done * settings.samples_per_prompt / (time.perf_counter() - start):.1f} samples/s")
+                f"samples, {rate:.1f} samples/s")
+    bar.close()
     seconds = time.perf_counter() - start
     ratio = settings.non_reasoning_ratio if non_reasoning else 0.0
     examples = mix(kept, non_reasoning or [], ratio, settings.seed)
@@ -471,83 +477,3 @@ def run_rejection(policy_sample_fn: Callable[[list[Mapping[str, Any]], int], Seq
               "seconds": seconds, "samples_per_second": n * settings.samples_per_prompt / seconds if seconds else 0.0}
     paths = write_dataset(examples, out_path, report=report, overwrite=overwrite)
     return json.loads(Path(paths["report"]).read_text())
-
-
-def dataset_dir(cfg) -> Path:
-    """Where the rejection stage of `cfg` writes its dataset: rejection.out, else <checkpoint.dir>/dataset."""
-    if cfg.rejection.out:
-        return Path(cfg.rejection.out)
-    if not cfg.checkpoint.dir:
-        raise ConfigError("rejection: set rejection.out or checkpoint.dir (where the dataset is written)")
-    return Path(cfg.checkpoint.dir) / "dataset"
-
-
-def run_rejection_stage(cfg) -> dict[str, Any]:
-    """`r1jax rejection CONFIG`: sample rejection.samples_per_prompt completions of rejection.prompts
-    prompts of data.split from the policy checkpoint.init_from, keep the verified and readable ones, mix
-    in non-reasoning data, write the dataset (see `write_dataset`). A finished dataset (report.json
-    present) is returned as it is, not sampled again. Returns {"how", "report", "dataset"}."""
-    import jax
-
-    from r1jax.data.pipeline import make_source
-    from r1jax.data.sources import JsonlSource
-    from r1jax.evaluate import sample_completions
-    from r1jax.rewards import RewardFn
-    from r1jax.train.stage import load_policy
-
-    out = dataset_dir(cfg)
-    if (out / "report.json").is_file() and (out / "tokenizer").is_dir():
-        return {"how": "done", "report": json.loads((out / "report.json").read_text()), "dataset": out}
-    r = cfg.rejection
-    if not cfg.checkpoint.init_from:
-        raise ConfigError("checkpoint.init_from: rejection sampling needs the policy checkpoint to sample from")
-    source = make_source(cfg.data, cfg.data.split)
-    n = min(len(source), r.prompts) if r.prompts else len(source)
-    records = [source[i] for i in range(n)]
-    non_reasoning = None
-    if r.non_reasoning_ratio > 0:
-        if not r.non_reasoning_path:
-            raise ConfigError("rejection.non_reasoning_path: non_reasoning_ratio > 0 needs a JSONL of non-reasoning examples")
-        extra = JsonlSource(r.non_reasoning_path)
-        non_reasoning = [extra[i] for i in range(len(extra))]
-    policy = load_policy(cfg.checkpoint.init_from)
-    if policy.tokenizer is None:
-        raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from} holds no tokenizer to sample with")
-    if (out / "report.json").is_file():  # stopped between the dataset and its tokenizer
-        _save_tokenizer(policy.tokenizer, out)
-        return {"how": "done", "report": json.loads((out / "report.json").read_text()), "dataset": out}
-    calls = []
-
-    def sample(batch: list, k: int) -> list[list[str]]:
-        calls.append(len(batch))
-        with jax.set_mesh(policy.mesh):
-            texts, _ = sample_completions(policy.graphdef, policy.state, policy.tokenizer, cfg.data.template, batch,
-                                          k=k, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                          top_p=r.top_p, seed=r.seed * 100_003 + len(calls),
-                                          batch_size=r.prompts_per_batch * k)
-        return texts
-
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if jax.process_index() == 0 else None
-    reward_fn = RewardFn({"accuracy": 1.0}, timeout=cfg.grpo.reward_timeout, workers=cfg.grpo.reward_workers,
-                         template=cfg.data.template)
-    # Every process samples (the sampler is SPMD over the mesh); process 0's dataset is the one kept.
-    target = out if jax.process_index() == 0 else Path(tempfile.mkdtemp(prefix="r1jax-rejection-")) / "dataset"
-    try:
-        report = run_rejection(sample, records, r, cfg.data.template, target, non_reasoning, reward_fn=reward_fn,
-                               overwrite=False, log=log)
-    finally:
-        reward_fn.close()
-        if target != out:
-            shutil.rmtree(target.parent, ignore_errors=True)
-    if jax.process_index() == 0:
-        _save_tokenizer(policy.tokenizer, out)
-    return {"how": "fresh", "report": report, "dataset": out}
-
-
-def _save_tokenizer(tokenizer, out: Path) -> None:
-    """The sampling policy's tokenizer beside its samples (out/tokenizer): a student trained on the
-    dataset reads it with tokenizer.path."""
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
-    for name, data in tokenizer.files().items():
-        (tmp / name).write_bytes(data)
-    os.replace(tmp, out / "tokenizer")

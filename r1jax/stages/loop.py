@@ -1,8 +1,8 @@
-"""The stage loop shared by SFT, GRPO and distillation.
+"""The stage loop shared by SFT, GRPO and distillation; it knows nothing of any one of them.
 
 data -> jitted step (donated state, explicit shardings) -> metrics -> checkpoints, with:
-  - a progress line (loss, tokens/s, MFU, ETA), a JSONL metrics file and TensorBoard scalars
-    (process 0 only);
+  - progress (a bar on a terminal, plain lines in logs: loss, the stage's own figures, tokens/s,
+    MFU, ETA), a JSONL metrics file and TensorBoard scalars (process 0 only);
   - SIGTERM / first Ctrl-C (TPU preemption, scheduler kill): finish the current step, save a
     checkpoint at it, wait for the write, and return with stop="preempted";
   - a non-finite loss: stop before anything is saved from the bad step, wait for the last good
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 
 from r1jax.checkpoint import RunCheckpointer
 from r1jax.config import Config
+from r1jax.progress import Progress
 
 # Dense bf16 peak FLOP/s per chip by device kind (datasheets); CPU has none, so no MFU there.
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("B200", 2250e12), ("TPU v6", 918e12),
@@ -82,13 +82,16 @@ class Preemption:
 
 
 class MetricsLog:
-    """Progress line on stderr + metrics.jsonl + TensorBoard under `run_dir` (process 0 only)."""
+    """Progress (r1jax.progress: a bar on a terminal, a line every log_every steps otherwise) +
+    metrics.jsonl + TensorBoard under `run_dir` (process 0 only).
 
-    def __init__(self, run_dir: str | None, total_steps: int, flops_per_token: float):
+    `shown`: the metrics the progress displays after the loss (a stage picks its own: GRPO shows
+    its reward); tokens/s and MFU always follow."""
+
+    def __init__(self, run_dir: str | None, total_steps: int, start_step: int, shown: tuple[str, ...] = ()):
         self.active = jax.process_index() == 0
-        self.total, self.flops_per_token = total_steps, flops_per_token
+        self.shown = shown
         self.peak = peak_flops_per_device()
-        self.tty = sys.stderr.isatty()
         self.jsonl = self.tb = None
         self.run_dir = run_dir if self.active else None
         if self.active and run_dir:
@@ -100,36 +103,34 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
             except ImportError:  # optional at run time
                 self.tb = None
-        self._t0 = time.perf_counter()
-        self._steps0: int | None = None
+        self.progress = Progress(total_steps, "step", "step", initial=start_step, interval=math.inf,
+                                 active=self.active)
 
-    def throughput(self, step_tokens: int, seconds: float) -> dict:
+    def throughput(self, step_tokens: int, seconds: float, flops_per_token: float) -> dict:
         tps = step_tokens / max(seconds, 1e-9)
         out = {"tokens_per_s": tps}
-        if self.peak and self.flops_per_token:
-            out["mfu"] = tps * self.flops_per_token / (self.peak * jax.device_count())
+        if self.peak and flops_per_token:
+            out["mfu"] = tps * flops_per_token / (self.peak * jax.device_count())
+        return out
+
+    def figures(self, metrics: dict) -> dict[str, str]:
+        out = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+        out.update({k: f"{metrics[k]:.3f}" for k in self.shown if k in metrics})
+        out["tok/s"] = f"{metrics.get('tokens_per_s', 0):,.0f}"
+        if "mfu" in metrics:
+            out["mfu"] = f"{metrics['mfu']:.1%}"
         return out
 
     def write(self, step: int, metrics: dict, print_line: bool) -> None:
         if not self.active:
             return
-        if self._steps0 is None:
-            self._steps0 = step - 1
-        done = step - self._steps0
-        eta = (time.perf_counter() - self._t0) / max(done, 1) * (self.total - step)
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
             self.jsonl.flush()
         if self.tb:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, float(v), step)
-        if print_line or self.tty:
-            mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
-            rl = "".join(f" {k} {metrics[k]:.3f}" for k in ("reward", "accuracy", "response_length") if k in metrics)
-            line = (f"step {step}/{self.total} loss {metrics.get('loss', float('nan')):.4f}{rl} "
-                    f"{metrics.get('tokens_per_s', 0):,.0f} tok/s{mfu} eta {_hms(eta)}")
-            print(("\r" + line) if self.tty else line, end="" if self.tty and not print_line else "\n",
-                  file=sys.stderr, flush=True)
+        self.progress.update(1, self.figures(metrics), line=print_line)
 
     def eval(self, ev: dict) -> None:
         """Append a held-out evaluation ({"step", "accuracy", ...}) to evals.jsonl (the pipeline report
@@ -139,10 +140,10 @@ class MetricsLog:
                                                                 if isinstance(v, float)))
 
     def message(self, text: str) -> None:
-        if self.active:
-            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+        self.progress.write(text)
 
     def close(self) -> None:
+        self.progress.close()
         if self.jsonl:
             self.jsonl.close()
         if self.tb:
@@ -157,19 +158,27 @@ def append_eval(run_dir: str | None, ev: dict) -> None:
             f.write(json.dumps({k: v for k, v in ev.items() if isinstance(v, (int, float, str))}) + "\n")
 
 
-def _hms(seconds: float) -> str:
-    s = int(max(seconds, 0))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def _batch_tokens(batch: dict, metrics: dict) -> int:
+    rows, seq = batch["tokens"].shape
+    return rows * seq
 
 
 def run_loop(cfg: Config, step_fn: Callable, state, batches: Iterator[dict], *, data_state: Callable[[], dict],
-             checkpointer: RunCheckpointer | None, tokenizer_files: dict[str, bytes], flops_per_token: float,
-             eval_fn: Callable | None = None, eval_every: int = 0) -> tuple[object, LoopResult]:
-    """Train from state.step to cfg.train.steps. Returns (final state, LoopResult)."""
+             checkpointer: RunCheckpointer | None, tokenizer_files: dict[str, bytes], flops_per_token: float = 0.0,
+             eval_fn: Callable | None = None, eval_every: int = 0, eval_first: bool = False,
+             shown: tuple[str, ...] = (), tokens_of: Callable[[dict, dict], int] = _batch_tokens,
+             ) -> tuple[object, LoopResult]:
+    """Train from state.step to cfg.train.steps. Returns (final state, LoopResult).
+
+    step_fn(state, batch, rng) -> (state, metrics) with rng = fold_in(key(train.seed), step);
+    `metrics` must hold a "loss" (a non-finite one stops the run). tokens_of(batch, metrics): the
+    tokens one step processed, for tokens/s and MFU (default: the batch's rows x length). eval_fn(state)
+    -> dict runs every eval_every steps, at the end, and with eval_first before the first step.
+    shown: metrics the progress displays besides the loss and throughput."""
     t = cfg.train
     step = int(jax.device_get(state.step))
     rng = jax.random.key(t.seed)
-    log = MetricsLog(cfg.checkpoint.dir or None, t.steps, flops_per_token)
+    log = MetricsLog(cfg.checkpoint.dir or None, t.steps, step, shown)
     result = LoopResult(step=step, stop="done")
 
     def save(force: bool) -> None:
@@ -183,6 +192,8 @@ def run_loop(cfg: Config, step_fn: Callable, state, batches: Iterator[dict], *, 
             log.eval(ev)
 
     try:
+        if eval_first:
+            evaluate()
         with Preemption() as preempt:
             while step < t.steps:
                 t0 = time.perf_counter()
@@ -198,9 +209,7 @@ def run_loop(cfg: Config, step_fn: Callable, state, batches: Iterator[dict], *, 
                     where = f"the last good checkpoint, step {last}, in {checkpointer.directory} is intact" \
                         if last is not None else "no checkpoint was written"
                     raise TrainingDiverged(f"step {step}: loss is {metrics['loss']}; stopping ({where}).")
-                if "tokens_per_s" not in metrics:  # a step function may measure its own (GRPO does)
-                    rows, seq = batch["tokens"].shape
-                    metrics.update(log.throughput(rows * seq, time.perf_counter() - t0))
+                metrics.update(log.throughput(tokens_of(batch, metrics), time.perf_counter() - t0, flops_per_token))
                 result.last = metrics
                 logged = step % t.log_every == 0 or step == t.steps
                 if logged:

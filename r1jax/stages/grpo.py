@@ -1,0 +1,325 @@
+"""The GRPO stage driver: `r1jax grpo CONFIG` (R1-Zero; R1's reasoning RL and RL for all scenarios).
+
+One iteration (`GRPOIteration`, the stage loop's step; train.steps counts iterations), in six parts:
+  1. rollout     group_size samples of each of prompts_per_step prompts, in-graph (`sampling.generate`
+                 on the training params themselves: same arrays, same mesh, no copy, no weight sync),
+                 drawn as the `sampling` section says;
+  2. score       rewards on the host (`r1jax.rewards.RewardFn`: worker processes with timeouts),
+                 plus DAPO's soft overlong penalty when set;
+  3. advantages  group advantages (r - mean) / std, Dr. GRPO without the std, or leave-one-out; with
+                 dynamic_sampling, groups whose rewards are all equal are masked out of the loss;
+  4. log-probs   log pi_old (and log pi_ref when beta > 0) of the sampled tokens by the training forward;
+  5. updates     inner_epochs passes over `minibatches` shuffled minibatches, one `grpo_step` each;
+                 every ref_refresh_every iterations the reference becomes a copy of the policy;
+  6. metrics     reward by component, accuracy, lengths, KL, clip fraction, mismatch, throughput.
+Prompts come from `PromptStream`, stateless per iteration, so a resumed run draws the same ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from r1jax.config import Config, ConfigError
+from r1jax.data.pipeline import heldout, make_source
+from r1jax.errors import DataError
+from r1jax.evaluate import heldout_eval_fn
+from r1jax.rewards import RewardFn
+from r1jax.sampling import generate, pad_prompts
+from r1jax.sharding import batch_sharding
+from r1jax.stages.loop import run_loop
+from r1jax.stages.result import StageResult
+from r1jax.stages.start import start_stage
+from r1jax.tokenizer import Tokenizer, encode_prompt
+from r1jax.train.grpo import (GRPOLoss, GRPOState, advantages_and_masks, grpo_step, grpo_wrap, minibatch_plan,
+                              prompt_indices, rollout_batch, token_logprobs)
+from r1jax.train.losses import overlong_penalty
+from r1jax.train.state import StepContext, TrainState, make_context, train_state_shardings
+
+
+class PromptStream:
+    """Iterator of GRPO prompt batches from iteration `start` on: each yields {"records": [P],
+    "tokens" [P*G, T], "lengths" [P*G]} (each prompt repeated G times, groups contiguous; right-padded
+    to T = train.seq_len so every iteration has the same shapes)."""
+
+    def __init__(self, source, tok: Tokenizer, cfg: Config, start: int):
+        self.source, self.tok, self.cfg, self.it = source, tok, cfg, start
+        self.prompt_budget = cfg.train.seq_len - cfg.sampling.max_new_tokens
+        if self.prompt_budget <= 0:
+            raise ConfigError(f"train.seq_len: {cfg.train.seq_len} leaves no room for prompts after "
+                              f"sampling.max_new_tokens={cfg.sampling.max_new_tokens}")
+
+    def state(self) -> dict:
+        return {"iteration": self.it}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        g = self.cfg.grpo
+        idx = prompt_indices(len(self.source), self.cfg.data.seed, self.it, g.prompts_per_step)
+        records = [self.source[int(i)] for i in idx]
+        prompts = []
+        for rec in records:
+            ids = encode_prompt(self.tok, self.cfg.data.template, rec["question"])
+            if len(ids) > self.prompt_budget:
+                raise DataError(f"{rec.get('id', 'a record')}: its prompt has {len(ids)} tokens, more than "
+                                f"train.seq_len - sampling.max_new_tokens = {self.prompt_budget}")
+            prompts += [ids] * g.group_size
+        tokens, lengths = pad_prompts(prompts, self.cfg.train.seq_len, self.tok.pad_id)
+        self.it += 1
+        return {"records": records, "tokens": tokens, "lengths": lengths}
+
+
+def _global(x: np.ndarray, sharding) -> jax.Array:
+    """A host array that every process holds in full -> a global array with `sharding`."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Part 1's output: the iteration's N = prompts x group_size sampled sequences."""
+
+    out: dict  # generate's global arrays: tokens [N, T], lengths [N], logprobs [N, max_new], num_new [N]
+    prompt_lengths: jax.Array  # [N], global
+    tokens: np.ndarray  # [N, T] host copy of out["tokens"]
+    lengths: np.ndarray  # [N] prompt + response
+    num_new: np.ndarray  # [N] response tokens
+    texts: list[str]  # the decoded responses
+    records: list[dict]  # each rollout's prompt record (groups contiguous)
+    seconds: float
+
+
+@dataclasses.dataclass
+class Scores:
+    """Part 2's output: reward components [N] (as the reward function names them) and the total."""
+
+    components: dict[str, np.ndarray]
+    total: np.ndarray  # [N] float32, overlong penalty included
+    seconds: float
+
+
+@dataclasses.dataclass
+class Updates:
+    """Part 5's output: the policy after the iteration's optimizer steps, and their metrics."""
+
+    state: TrainState
+    step_metrics: list[dict]
+    skipped: int
+    seconds: float
+
+
+def _prepare(params, bias, ref_params, rows, plens, sampler_logp, num_new, *, ctx: StepContext):
+    """pi_old (and pi_ref) log-probs of the rollout by the training forward, and how far the
+    sampler's own log-probs are from pi_old (a check that sampling and training agree)."""
+    old = token_logprobs(params, bias, rows, ctx=ctx)
+    out = {"old_logp": old}
+    if ref_params is not None:
+        out["ref_logp"] = token_logprobs(ref_params, bias, rows, ctx=ctx)
+    n = sampler_logp.shape[1]
+    pos = jnp.clip(plens[:, None] - 1 + jnp.arange(n)[None], 0, old.shape[1] - 1)  # target of position p is p + 1
+    valid = jnp.arange(n)[None] < num_new[:, None]
+    diff = jnp.abs(jnp.take_along_axis(old, pos, axis=1) - sampler_logp) * valid
+    out["logp_mismatch"] = jnp.sum(diff) / jnp.maximum(jnp.sum(valid), 1)
+    return out
+
+
+def _minibatch_step(state: TrainState, batch: dict, idx: jax.Array, *, ctx: StepContext):
+    return grpo_step(state, {k: v[idx] for k, v in batch.items()}, None, ctx=ctx)
+
+
+class GRPOIteration:
+    """One GRPO iteration as the loop's step function: (GRPOState, prompt batch, rng) -> (GRPOState,
+    metrics). Rollout, log-prob passes and updates are compiled; scoring runs on the host."""
+
+    def __init__(self, cfg: Config, ctx: StepContext, mesh, tok: Tokenizer, reward_fn):
+        self.ctx, self.cfg, self.g, self.s, self.mesh, self.tok = ctx, cfg, cfg.grpo, cfg.sampling, mesh, tok
+        self.reward_fn = reward_fn
+        self.rows_sharding = batch_sharding(mesh)
+        self.vec_sharding = batch_sharding(mesh, 1)
+        shardings = train_state_shardings(ctx, mesh)
+        self._prepare = jax.jit(functools.partial(_prepare, ctx=ctx))
+        self._update = jax.jit(functools.partial(_minibatch_step, ctx=ctx), donate_argnums=0,
+                               out_shardings=(shardings, None))
+        self._make_rows = jax.jit(rollout_batch)
+
+    def __call__(self, state: GRPOState, batch: dict, rng: jax.Array) -> tuple[GRPOState, dict]:
+        it = int(jax.device_get(state.step))
+        sample_key, _ = jax.random.split(jax.random.fold_in(rng, it))
+        rollout = self.rollout(state, batch, sample_key)
+        scores = self.score(rollout)
+        rows, weights = self.advantages_and_masks(rollout, scores)
+        rows, mismatch = self.logprob_passes(state, rows, rollout)
+        updates = self.updates(state, rows, weights["useful"], it)
+        new_state = self.next_state(state, updates.state, it)
+        return new_state, self.metrics(rollout, scores, weights, updates, mismatch)
+
+    def rollout(self, state: GRPOState, batch: dict, key: jax.Array) -> Rollout:
+        """1. Sample a continuation of every prompt row of `batch` (tokens [N, T], lengths [N]) with
+        the training params, in-graph; decode the responses on the host."""
+        t0 = time.perf_counter()
+        tokens = _global(batch["tokens"], self.rows_sharding)
+        plens = _global(batch["lengths"], self.vec_sharding)
+        model_state = nnx.merge_state(state.params, state.router_bias)  # the training params, no copy
+        s = self.s
+        out = generate(self.ctx.graphdef, model_state, tokens, plens, key, max_new_tokens=s.max_new_tokens,
+                       eos_id=self.tok.eos_id, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                       vocab_limit=self.tok.vocab_size)
+        toks, tlens = _host(out["tokens"]), _host(out["lengths"])
+        host_plens = np.asarray(batch["lengths"])
+        texts = [self.tok.decode(toks[i, host_plens[i]:tlens[i]].tolist(), skip_special=True) for i in range(len(toks))]
+        records = [r for r in batch["records"] for _ in range(self.g.group_size)]
+        return Rollout(out=out, prompt_lengths=plens, tokens=toks, lengths=tlens, num_new=tlens - host_plens,
+                       texts=texts, records=records, seconds=time.perf_counter() - t0)
+
+    def score(self, rollout: Rollout) -> Scores:
+        """2. Rewards of each response on the host: the reward function's components and their
+        weighted total, plus DAPO's overlong penalty (grpo.overlong_max_len > 0)."""
+        t0 = time.perf_counter()
+        scores = self.reward_fn(rollout.texts, rollout.records)
+        total = np.asarray(scores["total"], np.float32)
+        g = self.g
+        if g.overlong_max_len:
+            total = total + np.asarray(overlong_penalty(jnp.asarray(rollout.num_new), g.overlong_max_len,
+                                                        g.overlong_cache))
+        components = {k: np.asarray(v) for k, v in scores.items() if k != "total"}
+        return Scores(components=components, total=total, seconds=time.perf_counter() - t0)
+
+    def advantages_and_masks(self, rollout: Rollout, scores: Scores) -> tuple[dict, dict]:
+        """3. Group advantages and the rows each update trains on. Returns (training rows on the mesh:
+        tokens, positions, segment_ids, targets, response_mask (masked groups zeroed), advantages;
+        the host weights of `train.grpo.advantages_and_masks`)."""
+        g = self.g
+        weights = advantages_and_masks(scores.total, g.group_size, std_normalize=g.std_normalize,
+                                       leave_one_out=g.leave_one_out, dynamic_sampling=g.dynamic_sampling,
+                                       beta=g.beta)
+        rows = self._make_rows(rollout.out["tokens"], rollout.prompt_lengths, rollout.out["lengths"])
+        rows["response_mask"] = rows["response_mask"] * _global(weights["row_keep"], self.vec_sharding)[:, None]
+        rows["advantages"] = _global(weights["advantages"], self.vec_sharding)
+        return rows, weights
+
+    def logprob_passes(self, state: GRPOState, rows: dict, rollout: Rollout) -> tuple[dict, jax.Array]:
+        """4. log pi_old (and log pi_ref) of every sampled token by the training forward, added to
+        `rows`; and the mean |log pi_old - the sampler's log-prob| over response tokens."""
+        extra = self._prepare(state.params, state.router_bias, state.ref_params, rows, rollout.prompt_lengths,
+                              rollout.out["logprobs"], rollout.out["num_new"])
+        mismatch = extra.pop("logp_mismatch")
+        return dict(rows, **extra), mismatch
+
+    def updates(self, state: GRPOState, rows: dict, useful: np.ndarray, it: int) -> Updates:
+        """5. inner_epochs x minibatches optimizer steps (`grpo_step`) on shuffled minibatches of
+        `rows`. A minibatch with nothing to learn (no useful row: every kept row has zero advantage
+        and there is no KL term, or no row is kept) is skipped rather than stepped: Adam would scale
+        the balance loss's tiny gradient alone up to a full-size update, a random walk away from
+        the policy."""
+        t0 = time.perf_counter()
+        ts, step_metrics, skipped = state.train_state(), [], 0
+        for sel in minibatch_plan(len(useful), self.g.minibatches, self.g.inner_epochs, self.cfg.train.seed, it):
+            if not useful[sel].any():
+                skipped += 1
+                continue
+            ts, m = self._update(ts, rows, _global(sel.astype(np.int32), self.vec_sharding))
+            step_metrics.append(m)
+        step_metrics = jax.device_get(step_metrics)
+        return Updates(state=ts, step_metrics=step_metrics, skipped=skipped, seconds=time.perf_counter() - t0)
+
+    def next_state(self, state: GRPOState, ts: TrainState, it: int) -> GRPOState:
+        """The GRPOState after iteration `it`: the updated policy; the reference refreshed to a copy
+        of it every ref_refresh_every iterations."""
+        ref = state.ref_params
+        if ref is not None and (it + 1) % self.g.ref_refresh_every == 0:
+            ref = jax.tree.map(jnp.copy, ts.params)
+        return GRPOState(step=state.step + 1, opt_step=ts.step, params=ts.params, opt_state=ts.opt_state,
+                         router_bias=ts.router_bias, ref_params=ref)
+
+    def metrics(self, rollout: Rollout, scores: Scores, weights: dict, updates: Updates, mismatch) -> dict:
+        """6. The iteration's metrics: the updates' means (loss, kl, clip_fraction, entropy, ...),
+        rewards by component, accuracy, lengths, truncation, kept groups, sampler/trainer mismatch,
+        and the tokens sampled and trained (the loop's tokens/s) with their parts' rates."""
+        g, steps, num_new = self.g, updates.step_metrics, rollout.num_new
+        out = {k: float(np.mean([m[k] for m in steps])) for k in (steps[0] if steps else {})}
+        out.setdefault("loss", 0.0)
+        out["updates"] = float(len(steps))
+        out["skipped_updates"] = float(updates.skipped)
+        out["reward"] = float(scores.total.mean())
+        for name, values in scores.components.items():
+            out[f"reward_{name}"] = float(np.mean(values))
+        if "accuracy" in scores.components:
+            out["accuracy"] = float(np.mean(scores.components["accuracy"] > 0.5))
+        out["reward_std_in_group"] = float(scores.total.reshape(-1, g.group_size).std(1).mean())
+        out["groups_kept"] = float(weights["keep"].mean())
+        out["response_length"] = float(num_new.mean())
+        out["response_length_max"] = float(num_new.max())
+        ended = np.asarray([rollout.tokens[i, rollout.lengths[i] - 1] == self.tok.eos_id if num_new[i] else False
+                            for i in range(len(num_new))])
+        out["truncated"] = float(1.0 - ended.mean())
+        out["logp_mismatch"] = float(mismatch)
+        out["sampled_tokens"] = float(num_new.sum())
+        out["trained_tokens"] = float(np.sum(rollout.lengths)) * g.inner_epochs if steps else 0.0
+        out["sampling_tokens_per_s"] = out["sampled_tokens"] / max(rollout.seconds, 1e-9)
+        out["training_tokens_per_s"] = out["trained_tokens"] / max(updates.seconds, 1e-9)
+        out["reward_seconds"] = scores.seconds
+        return out
+
+
+def _iteration_tokens(batch: dict, metrics: dict) -> int:
+    return int(metrics["sampled_tokens"] + metrics["trained_tokens"])
+
+
+def make_reward_fn(cfg: Config) -> RewardFn:
+    return RewardFn(dataclasses.asdict(cfg.grpo.rewards), timeout=cfg.grpo.reward_timeout,
+                    workers=cfg.grpo.reward_workers, template=cfg.data.template)
+
+
+def run_grpo(cfg: Config, reward_fn=None) -> StageResult:
+    """Run (or resume) a GRPO stage.
+
+    `reward_fn(completions, records) -> {"total": [N], <component>: [N]}` defaults to the rule-based
+    rewards weighted by grpo.rewards (r1jax.rewards.RewardFn). Held-out greedy accuracy is evaluated
+    before the first iteration (unless resuming), every train.eval_every iterations and at the end.
+    """
+    g = cfg.grpo
+    rows_per_update = g.prompts_per_step * g.group_size // g.minibatches
+    if rows_per_update % cfg.train.grad_accum:
+        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} does not divide a GRPO minibatch of "
+                          f"{rows_per_update} rollouts (grpo.prompts_per_step * group_size / minibatches)")
+    source = make_source(cfg.data, cfg.data.split)
+    ctx = make_context(cfg, schedule_steps=cfg.train.steps * g.inner_epochs * g.minibatches,
+                       loss=GRPOLoss.from_config(cfg))
+    start = start_stage(cfg, source, ctx=ctx, wrap=grpo_wrap(g.beta))
+    mesh, tok = start.mesh, start.tokenizer
+    own_rewards = reward_fn is None
+    reward_fn = reward_fn or make_reward_fn(cfg)
+    prompts = PromptStream(source, tok, cfg, start=int(jax.device_get(start.state.step)))
+    records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
+    eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens)
+    iteration = GRPOIteration(cfg, ctx, mesh, tok, reward_fn)
+    try:
+        with jax.set_mesh(mesh):
+            state, result = run_loop(cfg, iteration, start.state, prompts, data_state=prompts.state,
+                                     checkpointer=start.checkpointer, tokenizer_files=tok.files(),
+                                     eval_fn=eval_fn, eval_every=cfg.train.eval_every,
+                                     eval_first=start.how != "resume", shown=("reward", "accuracy", "response_length"),
+                                     tokens_of=_iteration_tokens)
+    finally:
+        if own_rewards and hasattr(reward_fn, "close"):
+            reward_fn.close()
+        if start.checkpointer is not None:
+            start.checkpointer.close()
+    return StageResult(kind="grpo", stop=result.stop, how=start.how, step=result.step, last=result.last,
+                       evals=result.evals, history=result.history, state=state, tokenizer=tok, ctx=ctx)

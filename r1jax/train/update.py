@@ -1,0 +1,120 @@
+"""What the SFT, GRPO and distillation updates share: microbatched gradients, the MoE balance term,
+the aux-loss-free router-bias rule with its load metric, and the optimizer step.
+
+An update function (`sft_step`, `grpo_step`, `distill_step`) is
+    step(state, batch, rng, *, ctx) -> (state, metrics)
+and builds on three pieces of this module:
+
+  accumulate_gradients(loss_fn, params, batch, n)
+      loss_fn(params, microbatch) -> (objective, stats) over n microbatches of the batch; the
+      objective is normalised by whole-batch counts, so the microbatch gradients (summed here in
+      float32) are the full-batch gradient; n = 1 is one value_and_grad, with no carry;
+  balance_term(aux, coef, n)
+      the MoE sequence-wise balance loss (DeepSeek-V3 eq. 17) as a term of a microbatch objective;
+  apply_gradients(state, grads, loads, ctx=ctx)
+      the optax step, then each MoE layer's correction bias moved by the step's expert loads:
+      b_i += gamma * sign(mean_j load_j - load_i)   (V3 section 2.1.2; biases get no gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from r1jax.sharding import constrain
+from r1jax.train.state import StepContext, TrainState
+
+
+def microbatches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...], microbatch j holding rows j, j+n, j+2n, ... so that every
+    data-parallel shard contributes to every microbatch (no resharding)."""
+
+    if n == 1:
+        return jax.tree.map(lambda x: x[None], batch)
+
+    def split(x):
+        b = x.shape[0]
+        y = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: dict, n: int) -> tuple[nnx.State, dict]:
+    """Gradients and summed statistics of `loss_fn` over `n` microbatches of `batch`.
+
+    loss_fn(params, microbatch) -> (objective scalar, stats: a dict of arrays that add up over
+    microbatches). Each microbatch's objective must already be divided by whole-batch counts (and
+    its constant terms by n), so that the sum over microbatches is the full-batch objective.
+    Returns (grads like params, stats summed over the microbatches plus "objective"). Gradients are
+    accumulated in float32 and returned in each parameter's dtype. n = 1 takes one value_and_grad on
+    the batch itself: no accumulator and no scan.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if n == 1:
+        (objective, stats), grads = grad_fn(params, batch)
+        return grads, dict(stats, objective=objective)
+
+    def step(carry, mb):
+        acc, totals = carry
+        (objective, stats), g = grad_fn(params, mb)
+        acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
+        return (acc, jax.tree.map(jnp.add, totals, dict(stats, objective=objective))), None
+
+    first = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[:x.shape[0] // n], batch)))
+    (obj0, stats0), _ = first
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(stats0, objective=obj0))
+    acc0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (acc, totals), _ = jax.lax.scan(step, (acc0, zeros), microbatches(batch, n))
+    return jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params), totals
+
+
+def balance_term(aux: dict, coef: float, n_micro: int) -> tuple[jax.Array, dict]:
+    """The MoE balance-loss term of one of `n_micro` microbatch objectives, and its stats.
+
+    aux: the model's aux ("balance_loss" [L_moe], unweighted, V3 eq. 17; "moe_load" [L_moe, E]).
+    Returns (coef * mean over layers of the balance loss / n_micro, {"balance": that mean,
+    "load": the loads}); summed over the microbatches, the term is coef times their mean balance.
+    """
+    balance = jnp.mean(aux["balance_loss"])
+    return coef * balance / n_micro, {"balance": balance, "load": aux["moe_load"]}
+
+
+def update_router_bias(bias: nnx.State, loads: dict[str, jax.Array], gamma: float) -> nnx.State:
+    """b += gamma * sign(mean load - load), per layer. loads: 'moe' [L, E], optionally 'mtp' [D, E]
+    (biases of MTP modules that did not run this step stay where they are)."""
+
+    def step(path, var):
+        load = loads.get("mtp" if path[0] == "mtp" else "moe")
+        if load is None:
+            return var
+        delta = gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+        return var.replace(var.get_value() + delta.astype(var.get_value().dtype))
+
+    return nnx.map_state(step, bias) if gamma else bias
+
+
+def load_max_over_mean(load: jax.Array) -> jax.Array:
+    """Expert-load imbalance of a step: max over experts / mean over experts, averaged over layers
+    (1.0 is perfectly balanced). load [L, E]."""
+    return jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
+
+
+def apply_gradients(state: TrainState, grads: nnx.State, loads: dict[str, jax.Array] | None = None, *,
+                    ctx: StepContext) -> tuple[TrainState, dict]:
+    """The optimizer step on `grads`, then (MoE, `loads` given) the aux-loss-free bias update.
+
+    loads: the step's expert loads, "moe" [L, E] and optionally "mtp" [D, E]. Returns the new
+    state and {"grad_norm", "lr"} (+ "load_max_over_mean" with loads)."""
+    updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"grad_norm": optax.tree.norm(grads), "lr": ctx.schedule(state.step)}
+    bias = state.router_bias
+    if loads is not None:
+        bias = update_router_bias(bias, loads, ctx.bias_update_speed)
+        metrics["load_max_over_mean"] = load_max_over_mean(loads["moe"])
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias), metrics
