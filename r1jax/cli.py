@@ -1,4 +1,4 @@
-"""Command line: `r1jax summary|convert|sft|grpo|rejection|distill|eval|pipeline|sample|demo`.
+"""Command line: `r1jax summary|convert|sft|grpo|rejection|distill|eval|pipeline|sample`.
 
     r1jax summary configs/models/deepseek_v3.yaml --devices 256 mesh.expert=8
     r1jax convert hf-to-r1jax /ckpts/DeepSeek-V3 /ckpts/v3-r1jax mesh.fsdp=-1
@@ -6,7 +6,7 @@
     r1jax sft configs/sft_arithmetic.yaml
     r1jax grpo configs/grpo_arithmetic.yaml
     r1jax sample runs/grpo-arithmetic --prompt "What is 347 + 589?" --num-samples 4
-    r1jax demo
+    r1jax pipeline configs/tiny_r1/pipeline.yaml          # the main job (python3 dev.py run)
 
 Bad input (unknown key, missing file, checkpoint that does not fit) prints one line and exits 2.
 """
@@ -23,8 +23,6 @@ from r1jax.config import Config, ConfigError, load_config, mesh_model_errors
 from r1jax.errors import CheckpointError, DataError
 from r1jax.stages.loop import TrainingDiverged
 
-ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("deepseek_v3", "deepseek_v2_lite", "qwen2.5-1.5b", "qwen2.5-7b", "llama3.1-8b")
 
 
 def _mesh_sizes(cfg: Config, devices: int) -> dict[str, int]:
@@ -72,57 +70,6 @@ def cmd_convert(args) -> None:
         out = save_hf(state, model_cfg, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
                       progress=True)
     print(f"converted {args.src} -> {out} ({model_cfg.family}) in {time.time() - t0:.1f}s")
-
-
-def cmd_demo(args) -> None:
-    """The main job until the pipeline lands: preset summaries, then a tiny MoE on this machine."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from r1jax.convert import load_hf, save_hf
-    from r1jax.models import forward, init_model
-    from r1jax.summary import count_params, summarize
-
-    print("== r1jax model presets (shapes only, nothing allocated) ==")
-    for name in PRESETS:
-        cfg = load_config(ROOT / "configs" / "models" / f"{name}.yaml")
-        c = count_params(cfg.model)
-        mtp = f"  (+{c.mtp / 1e9:.2f}B MTP)" if c.mtp else ""
-        print(f"  {name:18s} {c.total / 1e9:8.2f}B total {c.active / 1e9:7.2f}B active per token{mtp}")
-    v3 = load_config(ROOT / "configs" / "models" / "deepseek_v3.yaml")
-    print()
-    print(summarize(v3, {"data": 1, "fsdp": 32, "expert": 8, "tensor": 1}, shapes=False))
-    print()
-    cfg = load_config(ROOT / "configs" / "models" / "tiny_v3.yaml", args.overrides)
-    m = cfg.model
-    print(f"== tiny DeepSeek-V3 on {jax.devices()[0].platform} ==")
-    print(summarize(cfg, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, shapes=False))
-    graphdef, state = init_model(m, jax.random.key(0))
-    fwd = jax.jit(forward, static_argnums=0, static_argnames="with_mtp")
-    tokens = jax.random.randint(jax.random.key(1), (8, 256), 1, m.vocab_size)
-    logits, aux = fwd(graphdef, state, tokens, with_mtp=True)
-    jax.block_until_ready(logits)
-    t0, n = time.perf_counter(), 5
-    for _ in range(n):
-        logits, aux = fwd(graphdef, state, tokens, with_mtp=True)
-    jax.block_until_ready(logits)
-    dt = (time.perf_counter() - t0) / n
-    load = np.asarray(aux["moe_load"])
-    print(f"  forward [8 x 256] with MTP: {tokens.size / dt:,.0f} tokens/s; logits {tuple(logits.shape)}, "
-          f"MTP logits {tuple(aux['mtp_logits'].shape)}")
-    spread = ", ".join(f"{x:.2f}" for x in load.max(1) / load.mean(1))
-    balance = ", ".join(f"{x:.3f}" for x in np.asarray(aux["balance_loss"]))
-    print(f"  expert load max/mean per MoE layer: {spread}; sequence balance loss: {balance}")
-    out = Path(args.workdir) / f"tiny_v3_hf_{int(time.time())}"
-    save_hf(state, m, out)
-    _, _, back = load_hf(out)
-    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(state)),
-                                                     jax.tree.leaves(nnx.to_pure_dict(back))))
-    print(f"  HF round trip via {out}: {'exact' if same else 'MISMATCH'}")
-    if not same:
-        raise SystemExit(1)
-
 
 
 def cmd_stage(args) -> None:
@@ -292,11 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--top-k", type=int, default=0)
     sm.add_argument("--seed", type=int, default=0)
     sm.set_defaults(fn=cmd_sample)
-
-    d = sub.add_parser("demo", help="the main job: preset summaries and a tiny MoE on this machine")
-    d.add_argument("overrides", nargs="*")
-    d.add_argument("--workdir", default="runs")
-    d.set_defaults(fn=cmd_demo)
 
     args, extra = p.parse_known_args(argv)
     unknown = [x for x in extra if x.startswith("-") or "=" not in x]

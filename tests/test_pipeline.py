@@ -112,6 +112,7 @@ def uninterrupted(tmp_path_factory):
     return run, r
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_and_writes_a_report(uninterrupted):
     run, r = uninterrupted
     report = (run / "report.md").read_text()
@@ -153,6 +154,7 @@ def _kill_when(path: Path, proc: subprocess.Popen, predicate, timeout: float = 6
     proc.wait()
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_same_final_metrics(uninterrupted, tmp_path):
     """SIGKILL once the GRPO stage has written its first checkpoint (mid-stage), rerun and SIGKILL again
     in the middle of the distillation stage, rerun to the end: finished stages are skipped (their

@@ -21,6 +21,8 @@ from r1jax.config import load_config
 from r1jax.stages.start import _with_shardings
 from r1jax.train.state import abstract_train_state, make_context
 
+pytestmark = pytest.mark.slow  # every test here runs whole SFT runs in subprocesses
+
 TINY = {"base": str(CONFIGS / "models" / "tiny_v3.yaml"),
         "train": {"steps": 12, "batch_size": 8, "seq_len": 96, "log_every": 1, "eval_examples": 0},
         "optimizer": {"lr": 3e-3, "warmup_steps": 2},

@@ -68,7 +68,7 @@ def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: dict, n: i
     first = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[:x.shape[0] // n], batch)))
     (obj0, stats0), _ = first
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(stats0, objective=obj0))
-    acc0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    acc0 = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
     (acc, totals), _ = jax.lax.scan(step, (acc0, zeros), microbatches(batch, n))
     return jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params), totals
 
