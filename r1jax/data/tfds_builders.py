@@ -153,6 +153,7 @@ def _builder_class(name: str) -> type[_EvalSetBuilder] | type[R1jaxSamples]:
 
 
 def _download_and_prepare(builder: tfds.core.GeneratorBasedBuilder) -> None:
+    tfds.disable_progress_bar()  # tfds' own bars ignore whether stderr is a terminal; r1jax reports progress itself
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
