@@ -424,12 +424,9 @@ def _training(cfg: Config, kind: str, sizes: dict[str, int], mesh: AbstractMesh,
 
 
 def _accumulator(grads: Item, cfg: Config) -> list[Item]:
-    """update.accumulate_gradients' float32 carry (only with grad_accum > 1)."""
-    a = cfg.train.grad_accum
-    if a == 1:
-        return []
+    """update.accumulate_gradients' float32 carry (a scan of grad_accum trips, one trip included)."""
     f32 = grads.bytes * 4 // _itemsize(cfg.model.param_dtype)
-    return [Item("grad accumulator", f32, f"float32, the scan carry summing {a} microbatch grads")]
+    return [Item("grad accumulator", f32, f"float32, the scan carry summing {cfg.train.grad_accum} microbatch grads")]
 
 
 def _grpo_phases(cfg: Config, sizes: dict[str, int], grads: Item) -> list[Phase]:
@@ -455,8 +452,8 @@ def _grpo_phases(cfg: Config, sizes: dict[str, int], grads: Item) -> list[Phase]
 
 
 def _train_step_phase(cfg: Config, kind: str, sizes: dict[str, int], grads: Item, tcfg: ModelConfig | None) -> Phase:
-    """sft_step / distill_step: one value_and_grad, or with grad_accum > 1 a scan over the
-    microbatches summing grads into a float32 carry (update.accumulate_gradients)."""
+    """sft_step / distill_step: a scan over the grad_accum microbatches summing grads into a float32
+    carry (update.accumulate_gradients)."""
     m, s, a = cfg.model, cfg.train.seq_len, cfg.train.grad_accum
     micro, rb = cfg.train.batch_size // a, rows_per_device(cfg.train.batch_size, sizes)
     items = [grads, *_accumulator(grads, cfg), Item("batch arrays", 5 * rb * s * 4, f"5 x [{rb}, {s}] int32")]

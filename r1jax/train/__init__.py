@@ -1,1 +1,2 @@
-"""Training: the shared train state, losses, pure update functions and their stage drivers."""
+"""Training: the shared train state, the pure update functions (SFT, GRPO, distillation) and what they
+share (`update`), and the losses. No files, no data pipelines: the drivers are in r1jax.stages."""

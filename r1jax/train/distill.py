@@ -213,13 +213,8 @@ def distill_step(state: TrainState, teacher_params: nnx.State, teacher_bias: nnx
                           top_k=top_k, ce_weight=ce_weight)
 
     grads, totals = accumulate_gradients(loss_fn, state.params, batch, a)
-    metrics = {"loss": totals["distill_sum"] / norm["tokens"], "ce": totals["ce_sum"] / norm["tokens"],
-               "objective": totals["objective"], "tokens": totals["tokens"],
-               "seq_tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))}
-    loads = None
-    if ctx.model.is_moe:
-        loads = {"moe": totals["load"]}
-        metrics["balance_loss"] = totals["balance"] / a
-    new_state, more = apply_gradients(state, grads, loads, ctx=ctx)
-    metrics.update(more)
+    new_state, metrics = apply_gradients(state, grads, totals, ctx=ctx)
+    metrics.update(loss=totals["distill_sum"] / norm["tokens"], ce=totals["ce_sum"] / norm["tokens"],
+                   objective=totals["objective"], tokens=totals["tokens"],
+                   seq_tokens=jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)))
     return new_state, metrics

@@ -89,14 +89,9 @@ def grpo_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContex
     norm = dict(aggregate_norm(batch["response_mask"]), micro=float(a))
     grads, totals = accumulate_gradients(lambda p, mb: _objective(p, state.router_bias, mb, norm, ctx=ctx),
                                          state.params, batch, a)
-    metrics = {"loss": totals["objective"],
-               **{k: v for k, v in totals.items() if k not in ("objective", "balance", "load")}}
-    loads = None
-    if ctx.model.is_moe:
-        loads = {"moe": totals["load"]}
-        metrics["balance_loss"] = totals["balance"] / a
-    new_state, more = apply_gradients(state, grads, loads, ctx=ctx)
-    metrics.update(more)
+    new_state, metrics = apply_gradients(state, grads, totals, ctx=ctx)
+    metrics.update(loss=totals["objective"], **{k: v for k, v in totals.items() if k not in ("objective", "balance",
+                                                                                           "load")})
     return new_state, metrics
 
 

@@ -67,14 +67,9 @@ def sft_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContext
     grads, totals = accumulate_gradients(
         lambda p, mb: _objective(p, state.router_bias, mb, norm, ctx=ctx), state.params, batch, a)
 
-    metrics = {"loss": totals["ce_sum"] / norm["tokens"], "objective": totals["objective"],
-               "tokens": totals["tokens"], "seq_tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))}
-    loads = None
-    if ctx.model.is_moe:
-        loads = {"moe": totals["load"], **({"mtp": totals["mtp_load"]} if "mtp_load" in totals else {})}
-        metrics["balance_loss"] = totals["balance"] / a
-    new_state, more = apply_gradients(state, grads, loads, ctx=ctx)
-    metrics.update(more)
+    new_state, metrics = apply_gradients(state, grads, totals, ctx=ctx)
+    metrics.update(loss=totals["ce_sum"] / norm["tokens"], objective=totals["objective"], tokens=totals["tokens"],
+                   seq_tokens=jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)))
     if "mtp_sum" in totals:
         metrics["mtp_loss"] = jnp.mean(totals["mtp_sum"] / norm["mtp_tokens"])
     return new_state, metrics

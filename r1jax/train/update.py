@@ -8,10 +8,10 @@ and builds on three pieces of this module:
   accumulate_gradients(loss_fn, params, batch, n)
       loss_fn(params, microbatch) -> (objective, stats) over n microbatches of the batch; the
       objective is normalised by whole-batch counts, so the microbatch gradients (summed here in
-      float32) are the full-batch gradient; n = 1 is one value_and_grad, with no carry;
+      float32) are the full-batch gradient;
   balance_term(aux, coef, n)
       the MoE sequence-wise balance loss (DeepSeek-V3 eq. 17) as a term of a microbatch objective;
-  apply_gradients(state, grads, loads, ctx=ctx)
+  apply_gradients(state, grads, totals, ctx=ctx)
       the optax step, then each MoE layer's correction bias moved by the step's expert loads:
       b_i += gamma * sign(mean_j load_j - load_i)   (V3 section 2.1.2; biases get no gradient).
 """
@@ -51,13 +51,15 @@ def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: dict, n: i
     microbatches). Each microbatch's objective must already be divided by whole-batch counts (and
     its constant terms by n), so that the sum over microbatches is the full-batch objective.
     Returns (grads like params, stats summed over the microbatches plus "objective"). Gradients are
-    accumulated in float32 and returned in each parameter's dtype. n = 1 takes one value_and_grad on
-    the batch itself: no accumulator and no scan.
+    accumulated in float32 and returned in each parameter's dtype.
+
+    n = 1 runs the same scan, one trip: XLA compiles a bare value_and_grad along another
+    floating-point path (bit-different gradients, measured), and keeping the scan keeps every
+    update bit-identical to the step functions before this helper existed. Its float32 carry at
+    n = 1 is a second grads-sized buffer (the dry run counts it), to go with the float32-master
+    work of the long-sequence issue.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if n == 1:
-        (objective, stats), grads = grad_fn(params, batch)
-        return grads, dict(stats, objective=objective)
 
     def step(carry, mb):
         acc, totals = carry
@@ -104,17 +106,21 @@ def load_max_over_mean(load: jax.Array) -> jax.Array:
     return jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
 
 
-def apply_gradients(state: TrainState, grads: nnx.State, loads: dict[str, jax.Array] | None = None, *,
+def apply_gradients(state: TrainState, grads: nnx.State, totals: dict | None = None, *,
                     ctx: StepContext) -> tuple[TrainState, dict]:
-    """The optimizer step on `grads`, then (MoE, `loads` given) the aux-loss-free bias update.
+    """The optimizer step on `grads`, then (MoE) the aux-loss-free bias update by the step's loads.
 
-    loads: the step's expert loads, "moe" [L, E] and optionally "mtp" [D, E]. Returns the new
-    state and {"grad_norm", "lr"} (+ "load_max_over_mean" with loads)."""
+    totals: accumulate_gradients' summed stats; for a MoE model they hold (balance_term) the expert
+    loads "load" [L, E] (and "mtp_load" [D, E] when the MTP modules ran) and "balance", summed over
+    ctx.grad_accum microbatches. Returns the new state and {"grad_norm", "lr"} (+ "balance_loss",
+    the microbatches' mean, and "load_max_over_mean" for a MoE model)."""
     updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"grad_norm": optax.tree.norm(grads), "lr": ctx.schedule(state.step)}
     bias = state.router_bias
-    if loads is not None:
+    if totals is not None and "load" in totals:
+        loads = {"moe": totals["load"], **({"mtp": totals["mtp_load"]} if "mtp_load" in totals else {})}
         bias = update_router_bias(bias, loads, ctx.bias_update_speed)
+        metrics["balance_loss"] = totals["balance"] / ctx.grad_accum
         metrics["load_max_over_mean"] = load_max_over_mean(loads["moe"])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias), metrics
