@@ -44,9 +44,11 @@ def launch(command: list[str], processes: int, devices_per_process: int, grace: 
     procs = []
     for i in range(processes):
         penv = dict(os.environ, **(env or {}))
+        # The caller's other XLA flags are kept; the fake device count is this launcher's.
+        kept = [f for f in penv.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
         penv.update(R1JAX_COORDINATOR_ADDRESS=address, R1JAX_NUM_PROCESSES=str(processes), R1JAX_PROCESS_ID=str(i),
                     JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+                    XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices_per_process}", *kept]))
         p = subprocess.Popen(command, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=_pump, args=(p.stdout, f"p{i}"), daemon=True).start()
         procs.append(p)

@@ -4,7 +4,13 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process (this one, or a subprocess) with `devices` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices}"
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for this session and every subprocess it starts: the whole-run
 # tests compile the same step functions again and again.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, GOLDEN, ROOT
+from conftest import CONFIGS, GOLDEN, ROOT, xla_flags
 from r1jax.cli import main
 from r1jax.convert import Checkpoint
 
@@ -70,7 +70,7 @@ sys.exit(rc)
 
 
 def _cli(*args, measured=False):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONPATH=str(ROOT))
     head = ["-c", _MEASURED_MAIN] if measured else ["-m", "r1jax.cli"]
     return subprocess.run([sys.executable, *head, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=120)

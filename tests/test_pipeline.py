@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, xla_flags
 from r1jax.config import ConfigError
 from r1jax.pipeline import heldout_accuracy, load_pipeline, stage_config
 
@@ -26,6 +26,7 @@ mesh: {data: 1, fsdp: -1, expert: 1, tensor: 1}
 FILES = {
     "task.yaml": TASK,
     "teacher.yaml": f"""base: [{CONFIGS / 'models' / 'tiny_v3.yaml'}, task.yaml]
+model: {{mtp_depth: 0}}
 train: {{steps: 6, eval_every: 3}}
 optimizer: {{lr: 3e-3, warmup_steps: 0, schedule: constant}}
 checkpoint: {{every: 2, keep: 2, async_save: false}}
@@ -70,7 +71,7 @@ def write_pipeline(folder: Path, run: Path) -> Path:
 
 def env():
     e = dict(os.environ)
-    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    e["XLA_FLAGS"] = xla_flags(1)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     return e
 

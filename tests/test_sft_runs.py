@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, xla_flags
 from r1jax.checkpoint import RunCheckpointer
 from r1jax.config import load_config
 from r1jax.stages.start import _with_shardings
@@ -23,9 +23,14 @@ from r1jax.train.state import abstract_train_state, make_context
 
 pytestmark = pytest.mark.slow  # every test here runs whole SFT runs in subprocesses
 
-TINY = {"base": str(CONFIGS / "models" / "tiny_v3.yaml"),
+# Resume, preemption, bad input, divergence and hand-off are the stage loop's and the checkpointer's
+# behaviour, whatever the model: they run the dense student (the cheapest program to compile); the
+# multi-process tests below run the MoE, whose experts shard across processes.
+TINY = {"base": str(CONFIGS / "models" / "tiny_qwen2.yaml"),
         "train": {"steps": 12, "batch_size": 8, "seq_len": 96, "log_every": 1, "eval_examples": 0},
-        "optimizer": {"lr": 3e-3, "warmup_steps": 2},
+        # constant after warmup: the compiled step does not depend on train.steps, so the runs of
+        # different lengths below share one program (the persistent compilation cache)
+        "optimizer": {"lr": 3e-3, "warmup_steps": 2, "schedule": "constant"},
         "data": {"source": "arithmetic", "template": "r1", "size": 5000},
         "tokenizer": {"train_vocab_size": 330, "train_examples": 800},
         "checkpoint": {"every": 4, "keep": 5}}
@@ -35,13 +40,16 @@ def write_config(path: Path, run_dir: Path, **sections) -> Path:
     cfg = json.loads(json.dumps(TINY))
     cfg["checkpoint"]["dir"] = str(run_dir)
     for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
+        if section == "base":
+            cfg["base"] = values
+        else:
+            cfg.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def env(devices=1):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    return dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                 PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 
 
@@ -136,18 +144,31 @@ def test_sigterm_saves_the_current_step(tmp_path):
     assert "preempted" in err
 
 
+def sft_here(config: Path, *overrides) -> subprocess.CompletedProcess:
+    """`r1jax sft` in this process (for runs refused before any step: no process start-up to pay)."""
+    import contextlib
+    import io
+
+    from r1jax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(["sft", str(config), *overrides])
+    return subprocess.CompletedProcess(["r1jax", "sft", str(config)], rc, out.getvalue(), err.getvalue())
+
+
 def test_bad_input_fails_clearly_and_touches_nothing(tmp_path, reference_run):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n{"question": "3+\n')
     config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", data={"source": "jsonl", "path": str(bad)})
-    r = sft(config)
+    r = sft_here(config)
     assert r.returncode == 2 and "bad.jsonl:3" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
     ref_config, run_dir, _, _ = reference_run
     before = tree_digest(run_dir)
-    r = sft(ref_config, "model.d_ff=96", "train.steps=20")
+    r = sft_here(ref_config, "model.d_ff=96", "train.steps=20")
     assert r.returncode == 2 and "model.d_ff" in r.stderr and "128" in r.stderr, r.stderr
-    r = sft(ref_config, "data.ops=['+','-']", "train.steps=20")
+    r = sft_here(ref_config, "data.ops=['+','-']", "train.steps=20")
     assert r.returncode == 2 and "data.ops" in r.stderr
     assert tree_digest(run_dir) == before
 
@@ -181,8 +202,11 @@ def test_handoff_starts_from_the_earlier_stage(tmp_path, reference_run):
         np.testing.assert_array_equal(a, b)  # lr 0: the hand-off params are kept as they were
 
 
-MULTI = {"mesh": {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}, "data": {"num_shards": 2},
-         "train": {"steps": 3}, "checkpoint": {"every": 3},
+# Data, FSDP and expert parallelism across processes; the MoE without its MTP module (the smallest
+# program that still shards every kind of weight).
+MULTI = {"base": str(CONFIGS / "models" / "tiny_v3.yaml"),
+         "mesh": {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}, "data": {"num_shards": 2},
+         "model": {"mtp_depth": 0}, "train": {"steps": 3}, "checkpoint": {"every": 3},
          "distributed": {"heartbeat_timeout": 10, "initialization_timeout": 120}}
 
 
@@ -204,8 +228,9 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_a_dead_process_fails_the_other_within_bounded_time(tmp_path):
-    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", **dict(MULTI, train={"steps": 5000},
-                                                                          checkpoint={"every": 10000}))
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", **dict(
+        MULTI, train={"steps": 5000}, checkpoint={"every": 10000},
+        distributed={"heartbeat_timeout": 5, "initialization_timeout": 120}))
     procs = []
     port = __import__("socket").socket()
     port.bind(("127.0.0.1", 0))

@@ -67,8 +67,7 @@ def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: dict, n: i
         acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
         return (acc, jax.tree.map(jnp.add, totals, dict(stats, objective=objective))), None
 
-    first = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[:x.shape[0] // n], batch)))
-    (obj0, stats0), _ = first
+    obj0, stats0 = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[:x.shape[0] // n], batch))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(stats0, objective=obj0))
     acc0 = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
     (acc, totals), _ = jax.lax.scan(step, (acc0, zeros), microbatches(batch, n))
