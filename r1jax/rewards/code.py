@@ -2,27 +2,26 @@
 based on predefined test cases"): run the generated program on each test's stdin in a sandbox and
 compare its stdout with the expected one.
 
-One fresh process per test case: `python -I -S` in a new session (process group) and an empty
-temporary directory (cwd, HOME, TMPDIR), minimal environment, stdin/stdout through files. Before the
-program runs, a small runner inside that process applies, in order:
+The sandbox's wall is the kernel, not Python: each test case runs `python -I -S sandbox_runner.py`
+(`r1jax/rewards/sandbox_runner.py`, standard library only) in a new session with a minimal
+environment, stdin/stdout/stderr through files, and the runner puts the program, before its first
+line, in its own user, PID, mount, network, IPC and UTS namespaces: a read-only root holding only
+/usr, /lib* and the interpreter, a fresh /proc and /dev, and a working directory that is a tmpfs of
+`disk_mb` (the total disk quota: 64 MB by default; 16 MB per file, also for the captured stdout);
+as uid nobody when started as root; no capabilities; rlimits (address space, CPU seconds, threads,
+file size, 64 open files, no core dumps); no-new-privileges; and a seccomp filter that refuses new
+processes, execve, namespaces, mounts, ptrace, bpf, io_uring, keyrings, and sockets other than
+AF_UNIX (the full list in the runner's docstring). A PID-namespace reaper runs the program and
+exits when it does, and the kernel then kills whatever is left in the namespace; the host kills
+the runner's process group at the wall-clock limit and waits until the reaper is gone, so nothing
+outlives a call. A PEP 578 audit hook stays in front as an early, friendly refusal (sockets,
+subprocesses, ctypes, writes outside the working directory), not as the wall: a program can switch
+it off and is still inside all of the above.
 
-1. a new network namespace (`unshare(CLONE_NEWNET)`; as non-root with `CLONE_NEWUSER` too): no
-   interface but a down loopback, so no connection can leave;
-2. resource limits, soft = hard: address space (memory_mb), CPU seconds (timeout + 1), processes,
-   file size (16 MB, so also the captured stdout), open files (64), no core dumps;
-3. as root: uid/gid `nobody` and no supplementary groups, so file permissions protect the host
-   (needs an interpreter that `nobody` can read, see `sandbox_report`); then no-new-privileges and a
-   parent-death SIGKILL, so the program dies with the process that started it;
-4. an audit hook (PEP 578; the program cannot remove it) that refuses sockets, fork/exec/spawn/
-   subprocess, signals to other processes, ctypes, changing rlimits, links, and any write, delete,
-   rename or chmod outside the temporary directory.
-
-The parent waits on a wall-clock limit and then SIGKILLs the whole process group, done or not. The
-runner does this setup itself rather than in a `preexec_fn`, which is unsafe when the parent has
-threads (JAX has many). Whatever fails (timeout, crash, non-zero exit, wrong output) scores 0 for that
-test. Layers 1 and 3 depend on the host (see `sandbox_report`); 2 and 4 always apply. The audit hook
-is a guard against ordinary programs (and reward hacking by plain Python), not a security boundary
-against native code: a program may still write a shared library into its directory and load it.
+A host without what this needs (unprivileged user namespaces where r1jax is not root, a seccomp
+filter for its architecture) does not score code with less: `sandbox_report()` says why and
+`run_program` raises `SandboxUnavailable` with that reason. Whatever fails in a program (timeout,
+crash, non-zero exit, wrong output) scores 0 for that test.
 """
 
 from __future__ import annotations
@@ -40,102 +39,22 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from r1jax.rewards.answer import answer_tag
 
-OUTPUT_CAP_BYTES = 16 * 1024 * 1024  # RLIMIT_FSIZE: also bounds the captured stdout
-MAX_PROCESSES = 32  # RLIMIT_NPROC headroom above what the sandbox uid already runs
+OUTPUT_CAP_BYTES = 16 * 1024 * 1024  # RLIMIT_FSIZE: per file, also the captured stdout
+DISK_MB = 64  # the working directory's tmpfs: every file the program writes, together
+MAX_PROCESSES = 32  # RLIMIT_NPROC headroom (threads: new processes are refused outright)
 NOBODY = 65534
 SCRATCH_ENV = "R1JAX_SANDBOX_DIR"  # where sandbox directories go (default: the system temp dir)
+RUNNER = Path(__file__).with_name("sandbox_runner.py")
+SETUP_FAILED = 113  # the runner's exit status when it could not build the sandbox
 
-# Runs as `python -I -S -c _RUNNER <json config>` in the sandbox directory. Standard library only.
-_RUNNER = r'''
-import json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-tmp = cfg["tmp"]
-with open(os.path.join(tmp, "prog.py"), "rb") as f:
-    src = f.read()
-try:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.unshare, libc.prctl
-except (ImportError, OSError, AttributeError):                          # not glibc/Linux: no netns
-    libc = None
-netns = libc is not None and libc.unshare(0x40000000) == 0              # CLONE_NEWNET
-if libc is not None and not netns and os.getuid() != 0:
-    netns = libc.unshare(0x10000000 | 0x40000000) == 0                  # CLONE_NEWUSER | CLONE_NEWNET
-for name, value in cfg["limits"].items():
-    res = getattr(resource, name)
-    hard = resource.getrlimit(res)[1]
-    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    resource.setrlimit(res, (value, value))
-if cfg["drop"] and os.getuid() == 0:
-    os.chown(tmp, 65534, 65534)
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)
-if libc is not None:
-    libc.prctl(38, 1, 0, 0, 0)                                          # PR_SET_NO_NEW_PRIVS
-    libc.prctl(1, 9, 0, 0, 0)                                           # PR_SET_PDEATHSIG, SIGKILL
-if os.getppid() != cfg["ppid"]:
-    os._exit(111)
-if cfg.get("probe"):
-    try:
-        import fractions, heapq, math, threading                        # the standard library, after the drop
-        stdlib = True
-    except ImportError:
-        stdlib = False
-    print(json.dumps({"netns": netns, "uid": os.getuid(), "stdlib": stdlib}))
-    sys.stdout.flush()
-    os._exit(0)
-del libc
-for name in ("ctypes", "_ctypes"):
-    sys.modules.pop(name, None)
 
-def _install(tmp, os=os, sys=sys):
-    root = os.path.realpath(tmp)
-    realpath, fsdecode, isdir = os.path.realpath, os.fsdecode, os.path.isdir
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-    denied = ("socket.", "ctypes.", "os.fork", "os.exec", "os.spawn", "os.posix_spawn", "os.system",
-              "subprocess.", "pty.", "os.kill", "signal.pthread_kill", "resource.setrlimit",
-              "resource.prlimit", "os.symlink", "os.link", "os.setns", "os.unshare", "sys.remote_exec")
-    path_events = {"os.remove": 1, "os.rmdir": 1, "os.rename": 2, "os.mkdir": 1, "os.chmod": 1,
-                   "os.chown": 1, "os.truncate": 1, "os.utime": 1, "os.chflags": 1, "os.lchflags": 1,
-                   "os.setxattr": 1, "os.removexattr": 1}
-    denied_modules = frozenset(("ctypes", "_ctypes", "_posixsubprocess"))
-
-    def inside(path):
-        p = realpath(fsdecode(path))
-        return p == root or p.startswith(root + "/")
-
-    def hook(event, args):
-        if event.startswith(denied):
-            raise PermissionError("sandbox: " + event + " is not allowed")
-        if event == "open":
-            path, mode, flags = args
-            if isinstance(path, int):
-                return
-            writes = (mode is not None and any(c in mode for c in "wax+")) or bool(flags & write_flags)
-            if (writes or (mode is None and isdir(fsdecode(path)))) and not inside(path):
-                raise PermissionError("sandbox: no writing (or directory handles) outside the working directory")
-        elif event in path_events:
-            for path in args[:path_events[event]]:
-                fd_ok = event == "os.truncate"  # ftruncate of a descriptor opened for writing
-                if not fd_ok if isinstance(path, int) else not inside(path):
-                    raise PermissionError("sandbox: " + event + " outside the working directory")
-        elif event == "import" and args[0] in denied_modules:
-            raise PermissionError("sandbox: import " + args[0] + " is not allowed")
-
-    sys.addaudithook(hook)
-
-_install(tmp)
-del _install
-sys.argv = ["prog.py"]
-code = compile(src, "prog.py", "exec")
-del cfg, src, tmp
-exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-'''
+class SandboxUnavailable(RuntimeError):
+    """This host cannot give the code sandbox its boundary; the message says which part and why."""
 
 
 @dataclass(frozen=True)
@@ -151,52 +70,39 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Host capabilities: which interpreter, and whether uid nobody works
+# Host capabilities, probed once per process
 # --------------------------------------------------------------------------------------------------
 
 _setup_lock = threading.Lock()
 _setup: dict[str, Any] | None = None
 
 
-def _candidates() -> list[str]:
-    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    out = [sys.executable]
-    for path in (f"/usr/bin/{minor}", f"/usr/local/bin/{minor}", shutil.which(minor)):
-        if path and os.path.exists(path) and path not in out:
-            out.append(path)
-    return out
-
-
-def _probe(python: str, drop: bool) -> dict | None:
-    try:
-        res = _run(python, drop, "", "", timeout=10.0, memory_mb=512, probe=True)
-        return json.loads(res.stdout) if res.returncode == 0 else None
-    except (OSError, ValueError):
-        return None
-
-
 def sandbox_report() -> dict[str, Any]:
-    """Which isolation this host gives, probed once per process by running the sandbox:
-    {"python": interpreter, "uid": the program's uid, "drop_uid": runs as nobody, "netns": has its own
-    network namespace, "root": the caller is root}. As root, the first interpreter (sys.executable,
-    then the system python of the same version) that works as uid nobody is used; if none does, the
-    program stays root and only the audit hook guards the file system."""
+    """What this host gives the sandbox, probed once per process by running a program in it:
+    {"ok": bool, "error": why not (or None), "python": interpreter, "root": the caller is root,
+    "uid": the program's uid, "drop_uid": it runs as nobody, "netns"/"pidns"/"mntns"/"userns": it
+    has its own namespace of that kind}."""
     global _setup
     with _setup_lock:
         if _setup is None:
-            root = os.getuid() == 0
-            chosen = None
-            if root:
-                for python in _candidates():
-                    info = _probe(python, drop=True)
-                    if info is not None and info["uid"] == NOBODY and info["stdlib"]:
-                        chosen = {"python": python, "drop_uid": True, **info}
-                        break
-            if chosen is None:
-                info = _probe(sys.executable, drop=False) or {"netns": False, "uid": os.getuid(), "stdlib": False}
-                chosen = {"python": sys.executable, "drop_uid": False, **info}
-            chosen["root"] = root
-            _setup = chosen
+            info: dict[str, Any] = {"python": sys.executable, "root": os.getuid() == 0, "ok": False, "error": None}
+            try:
+                res, _ = _run(sys.executable, "", "", timeout=20.0, memory_mb=512, probe=True)
+                mine = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("net", "pid", "mnt", "user")}
+                if res.returncode != 0:
+                    info["error"] = f"the sandbox probe exited {res.returncode}: {res.stderr.strip()[-300:]}"
+                else:
+                    inside = json.loads(res.stdout)
+                    info.update(uid=inside["uid"], drop_uid=inside["uid"] == NOBODY,
+                                **{f"{ns}ns" if ns != "mnt" else "mntns": inside[ns] != mine[ns] for ns in mine})
+                    info["ok"] = all(info[k] for k in ("netns", "pidns", "mntns", "userns"))
+                    if not info["ok"]:
+                        info["error"] = f"the sandbox shares a namespace with the host: {inside}"
+            except SandboxUnavailable as e:
+                info["error"] = str(e)
+            except (OSError, ValueError, KeyError) as e:
+                info["error"] = f"the sandbox probe failed: {e}"
+            _setup = info
         return dict(_setup)
 
 
@@ -204,8 +110,8 @@ def sandbox_report() -> dict[str, Any]:
 # Running
 # --------------------------------------------------------------------------------------------------
 
-def _limits(timeout: float, memory_mb: int, drop: bool) -> dict[str, int]:
-    uid = NOBODY if drop else os.getuid()
+def _limits(timeout: float, memory_mb: int) -> dict[str, int]:
+    uid = NOBODY if os.getuid() == 0 else os.getuid()
     return {
         "RLIMIT_AS": int(memory_mb) * 1024 * 1024,
         "RLIMIT_CPU": int(timeout) + 1,
@@ -231,6 +137,12 @@ def _count_processes(uid: int) -> int:
     return count
 
 
+def _wait_fd(fd: int, timeout: float) -> bool:
+    poller = select.poll()  # not select.select: fds above 1023 are common next to JAX
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(timeout, 0.0) * 1000))
+
+
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:
     """Wait up to `timeout` s for `proc` to exit without reaping it (so its pid keeps naming the process
     group until we kill the group). True if it exited."""
@@ -240,9 +152,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
         fd = None
     if fd is not None:
         try:
-            poller = select.poll()  # not select.select: fds above 1023 are common next to JAX
-            poller.register(fd, select.POLLIN)
-            return bool(poller.poll(max(timeout, 0.0) * 1000))
+            return _wait_fd(fd, timeout)
         finally:
             os.close(fd)
     deadline = time.monotonic() + timeout
@@ -277,46 +187,115 @@ def _read(path: str, limit: int) -> str:
         return ""
 
 
-def _run(python: str, drop: bool, program: str, stdin: str, *, timeout: float, memory_mb: int,
-         probe: bool = False) -> RunResult:
-    tmp = tempfile.mkdtemp(prefix="r1jax-sandbox-", dir=os.environ.get(SCRATCH_ENV) or None)
+def _read_status(fd: int) -> str:
+    """What the runner wrote on the status pipe (its writers are gone by now: no blocking)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _kill_reaper(status: str, wait: float) -> None:
+    """SIGKILL the sandbox's PID-namespace reaper named on the status pipe (with it, the kernel kills
+    everything in the namespace) and wait up to `wait` s until it is gone. A pidfd names it, so a
+    recycled pid is never signalled."""
+    m = re.match(r"pid (\d+)\n", status)
+    if m is None:
+        return
+    try:
+        fd = os.pidfd_open(int(m.group(1)))
+    except (AttributeError, OSError):
+        return  # gone already
+    try:
+        if not _wait_fd(fd, 0):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            _wait_fd(fd, wait)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _run(python: str, program: str, stdin: str, *, timeout: float, memory_mb: int, disk_mb: int = DISK_MB,
+         probe: bool = False) -> tuple[RunResult, str]:
+    """One sandboxed run: (result, what the runner reported on its status pipe)."""
+    tmp = os.path.realpath(tempfile.mkdtemp(prefix="r1jax-sandbox-", dir=os.environ.get(SCRATCH_ENV) or None))
+    read_end = write_end = -1
     try:
         os.chmod(tmp, 0o700)
         with open(os.path.join(tmp, "prog.py"), "w", encoding="utf-8") as f:
             f.write(program)
         with open(os.path.join(tmp, "stdin"), "w", encoding="utf-8") as f:
             f.write(stdin)
-        cfg = {"tmp": tmp, "limits": _limits(timeout, memory_mb, drop), "drop": drop, "ppid": os.getpid(),
-               "probe": probe}
+        read_end, write_end = os.pipe()
+        cfg = {"tmp": tmp, "limits": _limits(timeout, memory_mb), "disk_mb": int(disk_mb), "ppid": os.getpid(),
+               "status_fd": write_end, "probe": probe}
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
         out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         start = time.monotonic()
         with open(os.path.join(tmp, "stdin"), "rb") as fin, open(out_path, "wb") as fout, \
                 open(err_path, "wb") as ferr:
-            proc = subprocess.Popen([python, "-I", "-S", "-c", _RUNNER, json.dumps(cfg)], stdin=fin,
+            proc = subprocess.Popen([python, "-I", "-S", str(RUNNER), json.dumps(cfg)], stdin=fin,
                                     stdout=fout, stderr=ferr, cwd=tmp, env=env, close_fds=True,
-                                    start_new_session=True)
+                                    pass_fds=(write_end,), start_new_session=True)
+        os.close(write_end)
+        write_end = -1
+        status = ""
         try:
             exited = _wait(proc, timeout)
+            if not exited:
+                # the reaper first: the runner then reaps it and dies of the same signal, leaving no
+                # orphan for a slow init to collect
+                status = _read_status(read_end)
+                _kill_reaper(status, 1.0)
+                _wait(proc, 1.0)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # the leader is at worst a zombie: its group id is ours
             except (ProcessLookupError, PermissionError):
                 pass
             proc.wait()
+            status += _read_status(read_end)
+            _kill_reaper(status, 2.0)
             _drain_group(proc.pid)
         elapsed = time.monotonic() - start
-        return RunResult(stdout=_read(out_path, OUTPUT_CAP_BYTES), stderr=_read(err_path, 64 * 1024)[-4096:],
-                         returncode=proc.returncode, timed_out=not exited, elapsed=elapsed, pgid=proc.pid)
+        if proc.returncode == SETUP_FAILED and "ok\n" not in status:
+            reason = next((line[7:] for line in status.splitlines() if line.startswith("error: ")), None)
+            raise SandboxUnavailable(f"the code sandbox could not be set up on this host: "
+                                     f"{reason or _read(err_path, 4096).strip()[-300:] or 'no reason given'}")
+        result = RunResult(stdout=_read(out_path, OUTPUT_CAP_BYTES), stderr=_read(err_path, 64 * 1024)[-4096:],
+                           returncode=proc.returncode, timed_out=not exited, elapsed=elapsed, pgid=proc.pid)
+        return result, status
     finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_program(program: str, stdin: str = "", *, timeout: float = 5.0, memory_mb: int = 512) -> RunResult:
+def run_program(program: str, stdin: str = "", *, timeout: float = 5.0, memory_mb: int = 512,
+                disk_mb: int = DISK_MB) -> RunResult:
     """Run the Python source `program` in the sandbox with `stdin`; see the module docstring.
-    `timeout`: wall-clock seconds (CPU limit: timeout + 1); `memory_mb`: address-space limit."""
+    `timeout`: wall-clock seconds (CPU limit: timeout + 1); `memory_mb`: address-space limit;
+    `disk_mb`: all files the program writes, together. Raises SandboxUnavailable where this host
+    cannot give the sandbox its boundary."""
+    require_sandbox()
+    return _run(sandbox_report()["python"], program, stdin, timeout=timeout, memory_mb=memory_mb, disk_mb=disk_mb)[0]
+
+
+def require_sandbox() -> None:
+    """Raise SandboxUnavailable, saying why, unless this host gives the sandbox its whole boundary: for
+    a stage to call before it starts scoring code, so it fails at once and not at the first program."""
     info = sandbox_report()
-    return _run(info["python"], info["drop_uid"], program, stdin, timeout=timeout, memory_mb=memory_mb)
+    if not info["ok"]:
+        raise SandboxUnavailable(info["error"])
 
 
 def normalize_output(text: str) -> str:
@@ -343,6 +322,8 @@ def run_tests(program: str, tests: Sequence[Mapping[str, str]], *, timeout: floa
             res = run_program(program, str(test.get("input", "")), timeout=timeout, memory_mb=memory_mb)
             ok = (res.returncode == 0 and not res.timed_out
                   and normalize_output(res.stdout) == normalize_output(str(test["output"])))
+        except SandboxUnavailable:
+            raise
         except Exception:  # noqa: BLE001
             ok = False
         if not ok and mode == "all":
@@ -371,7 +352,8 @@ def extract_program(completion: str) -> str | None:
 
 def code_reward(completion: str, record: Mapping[str, Any]) -> float:
     """run_tests of the completion's program on record["tests"]; per-test limits from the record's
-    optional "time_limit" (s, default 5) and "memory_mb" (default 512). 0.0 without tests or program."""
+    optional "time_limit" (s, default 5) and "memory_mb" (default 512). 0.0 without tests or program;
+    SandboxUnavailable where this host cannot sandbox (see `require_sandbox`)."""
     try:
         tests = record.get("tests")
         program = extract_program(completion)
@@ -379,5 +361,7 @@ def code_reward(completion: str, record: Mapping[str, Any]) -> float:
             return 0.0
         return run_tests(program, tests, timeout=float(record.get("time_limit", 5.0)),
                          memory_mb=int(record.get("memory_mb", 512)))
+    except SandboxUnavailable:
+        raise  # no score without the wall (see the module docstring)
     except Exception:  # noqa: BLE001
         return 0.0
