@@ -21,8 +21,8 @@ from pathlib import Path
 
 from r1jax.config import Config, ConfigError, load_config, mesh_model_errors
 from r1jax.errors import CheckpointError, DataError
+from r1jax.rewards.code import SandboxUnavailable
 from r1jax.stages.loop import TrainingDiverged
-
 
 
 def _mesh_sizes(cfg: Config, devices: int) -> dict[str, int]:
@@ -127,28 +127,50 @@ def cmd_pipeline(args) -> None:
 
 
 def _read_prompts(args) -> list[str]:
-    import json
-
     prompts = list(args.prompt or [])
     if args.prompts:
-        f = Path(args.prompts)
-        if not f.is_file():
-            raise DataError(f"{f}: no such prompts file")
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            if f.suffix == ".jsonl":
-                try:
-                    obj = json.loads(line)
-                    prompts.append(obj.get("question", obj.get("prompt")) if isinstance(obj, dict) else None)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{n}: not JSON ({e.msg})") from None
-                if not isinstance(prompts[-1], str):
-                    raise DataError(f"{f}:{n}: needs a string field 'question' or 'prompt'")
-            else:
-                prompts.append(line)
+        prompts += _prompts_file(Path(args.prompts))
     if not prompts:
         raise ConfigError("sample: give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def _prompts_file(f: Path) -> list[str]:
+    """One question per line, or per JSON line (a 'question' or 'prompt' field) in a .jsonl file; each
+    line is read in bounded pieces and must be UTF-8 text without lone surrogates."""
+    import json
+
+    from r1jax.config import MAX_RECORD_BYTES
+    from r1jax.data.sources import lone_surrogate, read_lines
+
+    if not f.is_file():
+        raise DataError(f"{f}: {'is a directory, not' if f.is_dir() else 'no such'} prompts file")
+    prompts = []
+    try:
+        with open(f, "rb") as fh:
+            for n, _, _, size, raw in read_lines(fh, MAX_RECORD_BYTES):
+                if raw is None:
+                    raise DataError(f"{f}:{n}: line of {size} bytes exceeds the {MAX_RECORD_BYTES}-byte limit of a prompt")
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{f}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+                if not line.strip():
+                    continue
+                if f.suffix == ".jsonl":
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{f}:{n}: not JSON ({e.msg})") from None
+                    line = obj.get("question", obj.get("prompt")) if isinstance(obj, dict) else None
+                    if not isinstance(line, str):
+                        raise DataError(f"{f}:{n}: needs a string field 'question' or 'prompt'")
+                bad = lone_surrogate(line, "question")
+                if bad:
+                    raise DataError(f"{f}:{n}: {bad}: not valid Unicode text")
+                prompts.append(line)
+    except OSError as e:
+        raise DataError(f"{f}: cannot read ({e.strerror or e})") from None
     return prompts
 
 
@@ -160,9 +182,12 @@ def cmd_sample(args) -> None:
     import numpy as np
 
     from r1jax.sampling import generate, pad_prompts
-    from r1jax.tokenizer import encode_prompt
     from r1jax.stages.start import load_policy
+    from r1jax.tokenizer import encode_prompt
 
+    for flag, value in (("--num-samples", args.num_samples), ("--max-new-tokens", args.max_new_tokens)):
+        if value <= 0:
+            raise ConfigError(f"sample: {flag} must be > 0, got {value}")
     prompts = _read_prompts(args)
     policy = load_policy(args.checkpoint, args.overrides)
     tok = policy.tokenizer
@@ -173,6 +198,9 @@ def cmd_sample(args) -> None:
            for p in prompts]
     rows = [i for i in ids for _ in range(args.num_samples)]
     total = max(len(r) for r in rows) + args.max_new_tokens
+    if total > policy.cfg.model.max_seq_len:
+        raise ConfigError(f"sample: the longest prompt ({max(len(r) for r in rows)} tokens) + --max-new-tokens "
+                          f"{args.max_new_tokens} = {total} exceeds model.max_seq_len={policy.cfg.model.max_seq_len}")
     tokens, lengths = pad_prompts(rows, total, tok.pad_id)
     with jax.set_mesh(policy.mesh):
         out = generate(policy.graphdef, policy.state, tokens, lengths, jax.random.key(args.seed),
@@ -259,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except SandboxUnavailable as e:  # code rewards on a host that cannot wall the code off
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

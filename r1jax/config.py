@@ -13,6 +13,10 @@ combination raises `ConfigError` with one line that names the key and the file (
 that set it, with a close-match suggestion for typos:
 
     configs/my_run.yaml: model.n_grop: unknown key (did you mean 'n_group'?)
+
+Files are checked before their keys: a missing, unreadable, binary or non-UTF-8 file, a directory, a
+key given twice in one mapping (`configs/my_run.yaml:7: model.n_layers: duplicate key ...`), and a
+float that is not finite (NaN, inf) are all one-line errors too.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Literal
 import yaml
 
 CLI = "command line"
+MAX_RECORD_BYTES = 4 << 20  # default data.max_record_bytes: a JSONL line above 4 MiB is not a training example
 
 
 class ConfigError(ValueError):
@@ -179,8 +184,8 @@ class ModelConfig:
             elif self.topk_group <= 0 or self.topk_group > g:
                 out.append(("topk_group", f"must be in 1..n_group={g}, got {self.topk_group}"))
             elif self.num_experts_per_tok > self.topk_group * (e // g):
-                out.append(("num_experts_per_tok", f"{self.num_experts_per_tok} > topk_group*experts_per_group"
-                            f" = {self.topk_group}*{e // g}: not enough experts in the selected groups"))
+                out.append(("num_experts_per_tok", (f"{self.num_experts_per_tok} > topk_group*experts_per_group"
+                            f" = {self.topk_group}*{e // g}: not enough experts in the selected groups")))
             elif g > 1 and self.group_score == "top2_sum" and e // g < 2:
                 out.append(("group_score", "top2_sum needs at least 2 experts per group"))
             if self.first_k_dense_replace < 0 or self.first_k_dense_replace > self.n_layers:
@@ -189,6 +194,12 @@ class ModelConfig:
             out.append(("mtp_depth", f"must be >= 0, got {self.mtp_depth}"))
         if self.rope_scaling is not None and self.rope_scaling.factor <= 0:
             out.append(("rope_scaling.factor", "must be > 0"))
+        for key in ("n_kv_heads", "head_dim", "n_routed_experts", "n_shared_experts", "mtp_loss_weight", "init_std"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        for key in ("rope_theta", "norm_eps", "routed_scaling_factor"):
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be > 0, got {getattr(self, key)}"))
         return out
 
 
@@ -253,6 +264,12 @@ class OptimizerConfig:
             out.append(("final_lr_ratio", f"must be in [0, 1], got {self.final_lr_ratio}"))
         if self.grad_clip < 0:
             out.append(("grad_clip", "must be >= 0 (0 disables clipping)"))
+        for key in ("b1", "b2"):
+            if not 0 <= getattr(self, key) < 1:
+                out.append((key, f"must be in [0, 1), got {getattr(self, key)}"))
+        for key in ("eps", "weight_decay"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
         return out
 
 
@@ -273,9 +290,12 @@ class TrainConfig:
 
     def errors(self) -> list[tuple[str, str]]:
         out = []
-        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_max_new_tokens"):
             if getattr(self, key) <= 0:
                 out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        for key in ("eval_every", "eval_examples"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
         if self.grad_accum > 0 and self.batch_size % self.grad_accum:
             out.append(("grad_accum", f"{self.grad_accum} does not divide batch_size={self.batch_size}"))
         if self.balance_loss_coef < 0 or self.bias_update_speed < 0:
@@ -291,6 +311,9 @@ class CheckpointConfig:
     async_save: bool = True
     init_from: str = ""  # start from the params of this earlier stage's checkpoint (run dir or step dir)
 
+    def errors(self) -> list[tuple[str, str]]:
+        return [(key, f"must be > 0, got {getattr(self, key)}") for key in ("every", "keep") if getattr(self, key) <= 0]
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
@@ -301,7 +324,16 @@ class TokenizerConfig:
     def errors(self) -> list[tuple[str, str]]:
         if not self.path and self.train_vocab_size <= 0:
             return [("path", "set tokenizer.path or tokenizer.train_vocab_size")]
-        return []
+        return self.count_errors()
+
+    def count_errors(self) -> list[tuple[str, str]]:
+        """Counts out of range (checked on every load; `errors` adds the need for some tokenizer)."""
+        out = []
+        if self.train_vocab_size < 0:
+            out.append(("train_vocab_size", f"must be >= 0 (0: no training), got {self.train_vocab_size}"))
+        if self.train_vocab_size > 0 and self.train_examples <= 0:
+            out.append(("train_examples", f"must be > 0 to train a tokenizer, got {self.train_examples}"))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +357,10 @@ class DataConfig:
     n_numbers: int = 4  # countdown
     num_shards: int = 0  # loader shards composing the global batch; 0: one per process
     worker_count: int = 0  # grain worker processes per loader shard
+    # JSONL files: a line longer than this many bytes is never read whole; `oversized` says what then:
+    # skip it (a warning names file:line and size, and the source counts it) or refuse the file
+    max_record_bytes: int = MAX_RECORD_BYTES
+    oversized: Literal["skip", "error"] = "skip"
 
     def errors(self) -> list[tuple[str, str]]:
         out = []
@@ -341,6 +377,14 @@ class DataConfig:
             out.append(("flaw_rate", f"must be in [0, 1], got {self.flaw_rate}"))
         elif self.flaw_rate and (self.source != "arithmetic" or tuple(self.ops) != ("+",)):
             out.append(("flaw_rate", "flawed demonstrations exist for arithmetic addition only (ops: [\"+\"])"))
+        for key in ("size", "packing_bins", "max_record_bytes"):
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        if self.n_numbers < 2:
+            out.append(("n_numbers", f"must be >= 2 (countdown combines at least two numbers), got {self.n_numbers}"))
+        for key in ("num_shards", "worker_count"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
         return out
 
 
@@ -380,8 +424,10 @@ class GRPOConfig:
     overlong_max_len: int = 0  # DAPO soft overlong punishment: > 0 turns it on
     overlong_cache: int = 0
     rewards: RewardWeights = RewardWeights()
-    reward_timeout: float = 10.0
-    reward_workers: int = 0
+    reward_timeout: float = 10.0  # seconds per completion in a reward worker (killed and replaced past it)
+    reward_workers: int = 0  # 0: min(4, cpu count); also scores evaluation and rejection sampling
+    reward_memory_mb: int = 2048  # address-space cap of each reward worker (0: none)
+    reward_max_chars: int = 262144  # a longer completion scores 0 on every component, unread (0: no limit)
 
     def errors(self) -> list[tuple[str, str]]:
         out = []
@@ -394,6 +440,12 @@ class GRPOConfig:
             out.append(("minibatches", f"{self.minibatches} does not divide prompts_per_step*group_size"))
         if self.overlong_max_len and not 0 < self.overlong_cache < self.overlong_max_len:
             out.append(("overlong_cache", "needs 0 < overlong_cache < overlong_max_len"))
+        for key in ("clip_low", "clip_high", "beta", "overlong_max_len", "reward_workers", "reward_memory_mb",
+                    "reward_max_chars"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if self.reward_timeout <= 0:
+            out.append(("reward_timeout", f"must be > 0 seconds, got {self.reward_timeout}"))
         return out
 
 
@@ -482,8 +534,8 @@ class RejectionConfig:
             if getattr(self, key) < 0:
                 out.append((key, f"must be >= 0, got {getattr(self, key)}"))
         if self.max_reasoning_chars and self.max_reasoning_chars < self.min_reasoning_chars:
-            out.append(("max_reasoning_chars", f"{self.max_reasoning_chars} < min_reasoning_chars "
-                                               f"{self.min_reasoning_chars}"))
+            out.append(("max_reasoning_chars", (f"{self.max_reasoning_chars} < min_reasoning_chars "
+                                                f"{self.min_reasoning_chars}")))
         if self.target_language not in LANGUAGE_PREDICATES:
             out.append(("target_language", f"unknown {self.target_language!r}; known: {', '.join(LANGUAGE_PREDICATES)}"))
         if not 0.0 <= self.min_language_consistency <= 1.0:
@@ -531,6 +583,16 @@ class DistributedConfig:
     initialization_timeout: int = 300  # seconds to wait for every process to join
     heartbeat_timeout: int = 30  # seconds after which a silent peer counts as dead
 
+    def errors(self) -> list[tuple[str, str]]:
+        out = [(key, f"must be > 0 seconds, got {getattr(self, key)}")
+               for key in ("initialization_timeout", "heartbeat_timeout") if getattr(self, key) <= 0]
+        if self.num_processes < 0:
+            out.append(("num_processes", f"must be >= 0 (0: from the environment), got {self.num_processes}"))
+        if self.process_id < -1 or (self.num_processes and self.process_id >= self.num_processes):
+            why = f"must be -1 (from the environment) or in 0..num_processes-1, got {self.process_id}"
+            out.append(("process_id", why))
+        return out
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -557,15 +619,97 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _DuplicateKey(ConfigError):
+    """A mapping key given twice (kept apart: an override that is not YAML is a string, but one
+    with a duplicate key is an error)."""
+
+
+def _duplicate_keys(node: yaml.Node, where: str, prefix: str = "", seen: set | None = None,
+                    lines: bool = True) -> None:
+    """Raise ConfigError at the second occurrence of a key in any one mapping of `node` (PyYAML keeps
+    the last value silently), naming `where`:line and the dotted key. Merge keys (`<<: *base`) may be
+    overridden, as YAML allows."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias to a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                _duplicate_keys(value_node, where, prefix, seen, lines)
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if key is not None and (key_node.tag, key) in first:
+                at, before = (f"{where}:{line}", f" (first given on line {first[key_node.tag, key]})") if lines \
+                    else (where, "")
+                raise _DuplicateKey(f"{at}: {prefix}{key}: duplicate key{before}; give each key once")
+            if key is not None:
+                first[key_node.tag, key] = line
+            _duplicate_keys(value_node, where, f"{prefix}{key}." if key is not None else prefix, seen, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, where, f"{prefix.rstrip('.')}[{i}].", seen, lines)
+
+
+def load_yaml(text: str, where: str, prefix: str = "") -> Any:
+    """Parse YAML `text` safely, refusing duplicate keys; errors are one-line ConfigErrors at `where`
+    (a file name, with the line; or "command line" with `prefix`, the dotted key of the override)."""
+    loader = None
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        loader = yaml.SafeLoader(text)  # checks the characters first
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _duplicate_keys(node, where, prefix, lines=where != CLI)
+        return loader.construct_document(node)
+    except yaml.reader.ReaderError as e:  # a control character: a binary file, most likely
+        raise ConfigError(f"{where}: not a text file (character #x{e.character:04x} at offset {e.position})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        at = f"{where}:{mark.line + 1}" if mark else where
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{at}: not valid YAML ({what})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML (nested too deeply)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_text_file(path: str | Path, what: str = "config file") -> str:
+    """The UTF-8 text of `path`; ConfigError naming the file if it is missing, a directory, not a
+    regular file, unreadable, or not UTF-8 text."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a {what}")
+    if not path.exists():
+        raise ConfigError(f"{path}: {what} not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file, cannot be a {what}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          f"a {what} is YAML text") from None
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """`read_text_file` + `load_yaml`: the parsed YAML of a file, every problem one ConfigError line."""
+    return load_yaml(read_text_file(path, what), str(path))
+
+
+def _read_yaml(path: Path) -> dict:
+    where = _show(path)
+    data = load_yaml(read_text_file(where), where) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -623,9 +767,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = load_yaml(raw, CLI, f"{key}.") if raw.strip() else ""
+    except _DuplicateKey:
+        raise
+    except ConfigError:
+        value = raw  # not YAML: the raw string (the schema says whether a string fits)
     return key, value
 
 
@@ -750,12 +896,18 @@ def _coerce(t, value, origins, key):
     if t is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(origins, key, f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            _fail(origins, key, f"must be a finite number, got an integer of {len(str(abs(value)))} digits")
+        if not math.isfinite(value):
+            _fail(origins, key, f"must be a finite number, got {value!r}")
+        return value
     if t is str:
         if not isinstance(value, str):
             _fail(origins, key, f"expected a string, got {value!r}")
@@ -771,12 +923,38 @@ def _validate(cfg, origins, prefix):
             _fail(origins, f"mesh.{key}", msg)
         for key, msg in mesh_model_errors(cfg.mesh, cfg.model):
             _fail(origins, key, msg)
-        for section in ("train", "optimizer", "data", "grpo", "sampling", "eval", "rejection", "distill"):
+        for section in ("train", "optimizer", "data", "checkpoint", "distributed", "grpo", "sampling", "eval",
+                        "rejection", "distill"):
             for key, msg in getattr(cfg, section).errors():
                 _fail(origins, f"{section}.{key}", msg)
+        for key, msg in cfg.tokenizer.count_errors():
+            _fail(origins, f"tokenizer.{key}", msg)
+        for key, msg in length_errors(cfg, set_keys=set(origins)):
+            _fail(origins, key, msg)
     elif hasattr(cfg, "errors"):
         for key, msg in cfg.errors():
             _fail(origins, f"{prefix}{key}", msg)
+
+
+def length_errors(cfg: Config, set_keys: set[str] | None = None) -> list[tuple[str, str]]:
+    """Sequence lengths that do not fit model.max_seq_len, as (dotted key, message) pairs.
+
+    train.seq_len is the packed row (SFT, distillation) or the whole rollout buffer, prompt + new
+    tokens (GRPO); sampling.max_new_tokens and train.eval_max_new_tokens must leave room for a prompt.
+    With `set_keys`, only the lengths named there are checked: a stage config that sets a length must
+    fit its model, while defaults stay usable with any model (converting or summarising a model with a
+    short max_seq_len). Prompt lengths are known only at run time (GRPO checks its prompt budget,
+    `r1jax sample` the longest prompt + --max-new-tokens).
+    """
+    m = cfg.model.max_seq_len
+    out = []
+    checks = (("train.seq_len", cfg.train.seq_len, m, "exceeds"),
+              ("sampling.max_new_tokens", cfg.sampling.max_new_tokens, m - 1, "leaves no room for a prompt within"),
+              ("train.eval_max_new_tokens", cfg.train.eval_max_new_tokens, m - 1, "leaves no room for a prompt within"))
+    for key, value, limit, what in checks:
+        if (set_keys is None or key in set_keys) and value > limit:
+            out.append((key, f"{value} {what} model.max_seq_len={m} (the longest sequence the model takes)"))
+    return out
 
 
 def mesh_model_errors(mesh: MeshConfig | dict, model: ModelConfig) -> list[tuple[str, str]]:

@@ -1,10 +1,15 @@
 """Evaluation by sampling, as the DeepSeek-R1 paper reports it (arXiv 2501.12948, section 3.1).
 
-- `greedy_accuracy`: greedy decoding scored by `rewards.check_answer`, the quick held-out check the
+- `greedy_accuracy`: greedy decoding scored by the accuracy reward, the quick held-out check the
   training stages run (`heldout_eval_fn`);
 - `sample_eval`: k samples per problem (R1: temperature 0.6, top-p 0.95), scored and summarised by
   `r1jax.metrics` (pass@1, pass@j, cons@k);
 - `write_results`: a per-problem JSONL and a summary JSON beside it.
+
+Samples are scored as GRPO scores them: the accuracy reward in `rewards.RewardFn` worker processes
+(`eval_scorer`: per-completion timeout, capped address space, over-long completions scoring 0), never
+in this process unless a caller passes its own `check(record, completion)` (e.g. `rewards.check_answer`,
+which runs here with no timeout).
 
 These are host loops around the compiled sampler; they know no stage (the eval stage is
 `r1jax.stages.eval`).
@@ -24,11 +29,43 @@ from flax import nnx
 from r1jax.checkpoint import write_atomic
 from r1jax.metrics import answer_equivalence, summarize
 from r1jax.progress import Progress
-from r1jax.rewards import check_answer, extract_answer
+from r1jax.rewards import RewardFn, extract_answer
+from r1jax.rewards.combine import (
+    MAX_COMPLETION_CHARS,
+    MEMORY_MB,
+    STAT_MAXIMA,
+    stats_delta,
+)
 from r1jax.sampling import generate, pad_prompts
 from r1jax.tokenizer import Tokenizer, encode_prompt
 
 Check = Callable[[dict, str], bool]  # check(record, completion): is the completion right
+Scorer = Callable[[list[str], list[dict]], dict]  # scorer(completions, records)["accuracy"]: float[N], RewardFn's
+
+
+def eval_scorer(template: str, *, timeout: float = 10.0, workers: int = 0, memory_mb: int = MEMORY_MB,
+                max_chars: int = MAX_COMPLETION_CHARS) -> RewardFn:
+    """The scorer evaluation uses by default: the accuracy reward alone in RewardFn worker processes
+    (timeout per completion, memory_mb address space per worker, completions over max_chars scoring 0).
+    A sample is right when its accuracy is > 0.5 (`rewards.check_answer`'s verdict). Close it after use."""
+    return RewardFn({"accuracy": 1.0}, timeout=timeout, workers=workers, template=template, memory_mb=memory_mb,
+                    max_chars=max_chars)
+
+
+def _verdicts(records: list[dict], texts: list[str], check: Check | None, scorer: Scorer) -> list[bool]:
+    if check is not None:
+        return [bool(check(rec, text)) for rec, text in zip(records, texts, strict=True)]
+    return [bool(a > 0.5) for a in scorer(texts, records)["accuracy"]]
+
+
+def _stats(scorer) -> dict | None:
+    stats = getattr(scorer, "stats", None)
+    return dict(stats()) if callable(stats) else None
+
+
+def _stats_since(scorer, before: dict | None) -> dict | None:
+    now = _stats(scorer)
+    return now if now is None or before is None else stats_delta(before, now)
 
 
 def _to_host(x: jax.Array):
@@ -42,11 +79,25 @@ def _to_host(x: jax.Array):
 
 def greedy_accuracy(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer, template: str,
                     records: list[dict], max_new_tokens: int, batch_size: int = 128, check: Check | None = None,
-                    progress: str = "") -> dict:
-    """Greedy-decode each record's prompt; score with `check(record, completion)` (default:
-    `rewards.check_answer`, the accuracy reward's verdict). Returns accuracy, count and a few
-    samples. `progress`: a label to show a progress bar under (default: none)."""
-    check = check or check_answer
+                    progress: str = "", scorer: Scorer | None = None) -> dict:
+    """Greedy-decode each record's prompt; score each batch with `scorer` (default: an `eval_scorer`
+    of its own, closed at the end), or, when given, `check(record, completion)` in this process.
+    Returns accuracy, count, a few samples and "scoring" (the scorer's `stats` over this call: timeouts,
+    refusals, restarts, ...; None for a check or a scorer without stats). `progress`: a label to show
+    a progress bar under (default: none)."""
+    own = check is None and scorer is None
+    scorer = eval_scorer(template) if own else scorer
+    try:
+        return _greedy_accuracy(graphdef, state, tokenizer, template, records, max_new_tokens, batch_size, check,
+                                progress, scorer)
+    finally:
+        if own:
+            scorer.close()
+
+
+def _greedy_accuracy(graphdef, state, tokenizer, template, records, max_new_tokens, batch_size, check, progress,
+                     scorer) -> dict:
+    before = _stats(scorer) if check is None else None
     prompts = [encode_prompt(tokenizer, template, r["question"]) for r in records]
     total = max(len(p) for p in prompts) + max_new_tokens
     correct, samples = 0, []
@@ -59,16 +110,16 @@ def greedy_accuracy(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokeniz
         res = generate(graphdef, state, toks, lens, jax.random.key(0), max_new_tokens=max_new_tokens,
                        eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
         out, new_lens = _to_host(res["tokens"]), _to_host(res["lengths"])
-        for i in range(n):
-            rec = records[start + i]
-            text = tokenizer.decode(out[i, lens[i]:new_lens[i]].tolist(), skip_special=True)
-            ok = bool(check(rec, text))
+        recs = records[start:start + n]
+        texts = [tokenizer.decode(out[i, lens[i]:new_lens[i]].tolist(), skip_special=True) for i in range(n)]
+        for rec, text, ok in zip(recs, texts, _verdicts(recs, texts, check, scorer), strict=True):
             correct += ok
             if len(samples) < 3:
                 samples.append({"question": rec["question"], "completion": text, "answer": rec["answer"], "correct": ok})
         bar.update(n, {"accuracy": f"{correct / (start + n):.3f}"})
     bar.close()
-    return {"accuracy": correct / max(len(records), 1), "n": len(records), "samples": samples}
+    return {"accuracy": correct / max(len(records), 1), "n": len(records), "samples": samples,
+            "scoring": _stats_since(scorer, before) if check is None else None}
 
 
 def _clip(text: str, limit: int) -> str:
@@ -124,19 +175,22 @@ def sample_eval(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer, 
                 top_p: float = 0.95, top_k: int = 0, seed: int = 0, batch_size: int = 128,
                 ks: Sequence[int] | None = None, check: Check | None = None,
                 answer_of: Callable[[str], str | None] | None = None, keep_completions: int = 4,
-                max_chars: int = 2000, progress: str = "") -> dict:
+                max_chars: int = 2000, progress: str = "", scorer: Scorer | None = None) -> dict:
     """Sample k completions of each record's prompt and score them as the R1 paper does (section 3.1:
     pass@1 over k samples at temperature 0.6, top-p 0.95; cons@k by majority vote).
 
-    check(record, completion) -> bool: is a sample right (default: `rewards.check_answer`, the GRPO
-    verdict). answer_of(completion) -> str | None: the answer it votes for (default:
+    scorer(completions, records)["accuracy"]: scores all samples at once, right when > 0.5 (default: an
+    `eval_scorer` of its own, closed at the end: the GRPO accuracy reward in timed, memory-capped worker
+    processes); check(record, completion) -> bool, when given, decides instead, in this process.
+    answer_of(completion) -> str | None: the answer it votes for (default:
     `rewards.extract_answer`), grouped by `metrics.answer_equivalence(record)`. ks: the pass@j to
     report (default: 1 and k). The k x len(records) rows run in batches of min(batch_size, rows), the
     last padded, so `generate` compiles once; batch c draws with fold_in(key(seed), c): the samples
     depend on seed and batch_size.
 
     Returns `summarize`'s dict ("pass@1", "pass@<j>", "cons@<k>", "answered", "n" problems, "k"),
-    "sampling" (the settings), "tokens_per_s", "mean_new_tokens", and "problems": per record its
+    "sampling" (the settings), "tokens_per_s", "mean_new_tokens", "scoring" (the scorer's `stats`
+    over this call, None with a check), and "problems": per record its
     "id", "question", "answer", "n_correct", "k", "majority", "majority_votes", "majority_correct" and
     "samples": k x {"answer", "correct"}, the first `keep_completions` also with the "completion"
     (clipped to max_chars).
@@ -145,12 +199,22 @@ def sample_eval(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer, 
         raise ValueError("sample_eval: no records")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"sample_eval: k={k!r}; need an integer >= 1 samples per problem")
-    check = check or check_answer
     answer_of = answer_of or extract_answer
     texts, stats = sample_completions(graphdef, state, tokenizer, template, records, k=k,
                                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k, seed=seed, batch_size=batch_size, progress=progress)
-    samples = [[(answer_of(t), bool(check(rec, t))) for t in ts] for rec, ts in zip(records, texts)]
+    flat_records = [rec for rec, ts in zip(records, texts) for _ in ts]
+    flat_texts = [t for ts in texts for t in ts]
+    own = check is None and scorer is None
+    scorer = eval_scorer(template) if own else scorer
+    try:
+        before = _stats(scorer) if check is None else None
+        verdicts = iter(_verdicts(flat_records, flat_texts, check, scorer))
+        scoring = _stats_since(scorer, before) if check is None else None
+    finally:
+        if own:
+            scorer.close()
+    samples = [[(answer_of(t), next(verdicts)) for t in ts] for ts in texts]
     result = summarize(samples, ks=(1, k) if ks is None else ks,
                        equivalent=[answer_equivalence(r) for r in records])
     for row, rec, ts, ss in zip(result["problems"], records, texts, samples):
@@ -162,6 +226,7 @@ def sample_eval(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer, 
                           "max_new_tokens": max_new_tokens, "batch_size": stats["batch_size"]}
     result["tokens_per_s"] = stats["tokens_per_s"]
     result["mean_new_tokens"] = stats["mean_new_tokens"]
+    result["scoring"] = scoring
     return result
 
 
@@ -186,17 +251,36 @@ def write_results(path: str | Path, result: dict) -> tuple[Path, Path]:
 
 
 def heldout_eval_fn(graphdef: nnx.GraphDef, mesh, tokenizer: Tokenizer, template: str, records: list[dict],
-                    max_new_tokens: int, check: Check | None = None) -> Callable[[object], dict] | None:
-    """The stage loop's eval_fn: greedy accuracy (`greedy_accuracy`, scored by `check`, default
-    `rewards.check_answer`) of a train state (params + router_bias) on `records`, on `mesh`; None
-    when there are no records."""
+                    max_new_tokens: int, check: Check | None = None,
+                    scorer: Scorer | None = None) -> Callable[[object], dict] | None:
+    """The stage loop's eval_fn: greedy accuracy (`greedy_accuracy`) of a train state (params +
+    router_bias) on `records`, on `mesh`; None when there are no records. Scored by `scorer` (the
+    caller closes it), else by `check` in this process, else by an `eval_scorer` this eval_fn starts on
+    its first call and keeps (`eval_fn.close()` stops its workers; they also stop with this process).
+    The result: accuracy, n, samples and the scoring counts as ints (scoring_timeouts, scoring_refusals,
+    scoring_restarts, ...)."""
     if not records:
         return None
+    owned: list[RewardFn] = []
+
+    def current_scorer() -> Scorer | None:
+        if scorer is not None or check is not None:
+            return scorer
+        if not owned:
+            owned.append(eval_scorer(template))
+        return owned[0]
 
     def eval_fn(state) -> dict:
         model_state = nnx.merge_state(state.params, state.router_bias)
         with jax.set_mesh(mesh):
-            out = greedy_accuracy(graphdef, model_state, tokenizer, template, records, max_new_tokens, check=check)
-        return {"accuracy": float(out["accuracy"]), "n": out["n"], "samples": out["samples"]}
+            out = greedy_accuracy(graphdef, model_state, tokenizer, template, records, max_new_tokens, check=check,
+                                  scorer=current_scorer())
+        counts = {f"scoring_{k}": int(v) for k, v in (out["scoring"] or {}).items() if k not in STAT_MAXIMA}
+        return {"accuracy": float(out["accuracy"]), "n": out["n"], "samples": out["samples"], **counts}
 
+    def close() -> None:
+        while owned:
+            owned.pop().close()
+
+    eval_fn.close = close
     return eval_fn

@@ -38,9 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from r1jax.config import Config, ConfigError, load_config
+from r1jax.config import Config, ConfigError, load_config, read_yaml
 from r1jax.stages.registry import KINDS, STAGES
 from r1jax.stages.result import StageResult, scalars
 
@@ -78,12 +76,9 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
     """Read and check a pipeline file. overrides: "dir=..." or "<stage>.<dotted.key>=value" (added to
     that stage's `set`)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: pipeline file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    tree = read_yaml(path, "pipeline file") or {}  # binary, non-UTF-8, duplicate keys: one line each
     if not isinstance(tree, dict):
         _fail(path, "top level", "expected a mapping with name, dir and stages")
     for key in tree:

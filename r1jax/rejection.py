@@ -37,7 +37,7 @@ from r1jax.progress import Progress
 from r1jax.rewards.accuracy import is_code_record
 from r1jax.rewards.answer import answer_tag, extract_answer
 from r1jax.rewards.code import extract_program
-from r1jax.rewards.combine import score_components
+from r1jax.rewards.combine import score_components, stats_delta
 from r1jax.rewards.format import format_reward
 from r1jax.rewards.language import language_consistency
 from r1jax.tokenizer import TEMPLATES
@@ -446,7 +446,9 @@ def run_rejection(policy_sample_fn: Callable[[list[Mapping[str, Any]], int], Seq
     reward_fn: see `select`. log: called with a progress line after each batch. progress: show a
     progress bar (r1jax.progress: plain lines when stderr is no terminal; process 0 only).
     The report: `summarize` of all batches + {"template", "settings", "mix": {"reasoning",
-    "non_reasoning"}, "seconds", "samples_per_second"} (+ "dataset", see write_dataset).
+    "non_reasoning"}, "seconds", "samples_per_second", "scoring"} (+ "dataset", see write_dataset);
+    "scoring" is the reward_fn's `stats` over this run (a RewardFn's: timeouts, refusals, worker
+    restarts, over-long completions, peak worker RSS), None without one.
     """
     _check(settings, template)
     out_path = Path(out_dir)
@@ -454,6 +456,8 @@ def run_rejection(policy_sample_fn: Callable[[list[Mapping[str, Any]], int], Seq
     validate_records(records)
     counts: dict[str, Counter] = {}
     kept: list[dict[str, Any]] = []
+    stats = getattr(reward_fn, "stats", None)
+    stats_before = stats() if callable(stats) else None
     start, n, step = time.perf_counter(), len(records), settings.prompts_per_batch
     bar = Progress(n, "rejection sampling", "prompt", active=None if progress else False)
     for lo in range(0, n, step):
@@ -474,6 +478,7 @@ def run_rejection(policy_sample_fn: Callable[[list[Mapping[str, Any]], int], Seq
     examples = mix(kept, non_reasoning or [], ratio, settings.seed)
     report = {**summarize(counts), "template": template, "settings": dataclasses.asdict(settings),
               "mix": {"reasoning": len(kept), "non_reasoning": len(examples) - len(kept)},
-              "seconds": seconds, "samples_per_second": n * settings.samples_per_prompt / seconds if seconds else 0.0}
+              "seconds": seconds, "samples_per_second": n * settings.samples_per_prompt / seconds if seconds else 0.0,
+              "scoring": stats_delta(stats_before, stats()) if stats_before is not None else None}
     paths = write_dataset(examples, out_path, report=report, overwrite=overwrite)
     return json.loads(Path(paths["report"]).read_text())

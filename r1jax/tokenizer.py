@@ -22,6 +22,7 @@ back character for character (for HF, exactly so for byte-level BPE tokenizers s
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -187,17 +188,21 @@ class Tokenizer:
 
         Ids: pad=0, unk=1, bos=2, eos=3, then the four think/answer tokens. With byte_fallback the
         256 byte pieces count towards `vocab_size`. Same inputs give a byte-identical model.
-        Refuses to overwrite an existing tokenizer.model.
+        Refuses to overwrite an existing tokenizer.model, and `texts` with no text at all.
         """
         path = Path(out_dir) / SP_FILE
         if path.exists():
             raise DataError(f"tokenizer: {path}: already exists; refusing to overwrite")
+        texts = (t for t in texts if t)
+        first = next(texts, None)
+        if first is None:
+            raise DataError("tokenizer: no text to train a tokenizer on (the training data is empty)")
         buf = io.BytesIO()
         # sentencepiece's only seed is process-global; unigram training samples with it.
         spm.set_random_generator_seed(seed)
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=(t for t in texts if t),
+                sentence_iterator=itertools.chain([first], texts),
                 model_writer=buf,
                 vocab_size=vocab_size,
                 model_type=model_type,

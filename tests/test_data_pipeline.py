@@ -8,7 +8,7 @@ import pytest
 
 from conftest import CONFIGS
 from r1jax.config import load_config
-from r1jax.data.pipeline import GlobalBatchLoader, make_source, tokenizer_corpus
+from r1jax.data.pipeline import GlobalBatchLoader, heldout, make_source, tokenizer_corpus
 from r1jax.tokenizer import Tokenizer
 
 
@@ -73,3 +73,62 @@ def test_worker_processes_give_the_same_batches():
     finally:
         a.close()
         b.close()
+
+
+# ---- files that cannot be trained on: refused by name before anything reads them -------------------
+
+
+def _jsonl_cfg(path, **data):
+    from r1jax.config import DataConfig
+
+    return DataConfig(source="jsonl", path=str(path), **data)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n   \n\t\n"])
+def test_empty_or_blank_jsonl_is_named_before_tokenizer_training(tmp_path, text):
+    from r1jax.errors import DataError
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        make_source(_jsonl_cfg(path), "train")
+    assert str(e.value) == f"data.path: {path}: no records to read (it is empty or holds only blank lines)"
+    with pytest.raises(DataError, match=f"data.train_path: {path}: no records"):
+        make_source(_jsonl_cfg(tmp_path / "unused.jsonl", train_path=str(path)), "train")
+
+
+def test_tokenizer_corpus_of_an_empty_source_names_it(tmp_path):
+    from r1jax.data.sources import JsonlSource
+    from r1jax.errors import DataError
+
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match=f"tokenizer: {path}: no records to train a tokenizer on"):
+        Tokenizer.train_sentencepiece(tokenizer_corpus(JsonlSource(path), "r1", 10), tmp_path, 300)
+
+
+def test_record_size_policy_comes_from_the_config(tmp_path, capsys):
+    import json
+
+    from r1jax.errors import DataError
+
+    lines = [json.dumps({"question": "q" * n, "answer": "1"}) for n in (10, 3000, 20)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    src = make_source(_jsonl_cfg(path, max_record_bytes=1000), "train")
+    assert len(src) == 2 and src.skipped == [(2, len(lines[1]))]
+    assert f"{path}:2: record of {len(lines[1])} bytes exceeds data.max_record_bytes=1000" in capsys.readouterr().err
+    assert len(make_source(_jsonl_cfg(path), "train")) == 3  # the default limit (4 MiB) keeps it
+    with pytest.raises(DataError, match=f"{path}:2: record of {len(lines[1])} bytes exceeds"):
+        make_source(_jsonl_cfg(path, max_record_bytes=1000, oversized="error"), "train")
+    with pytest.raises(DataError, match=r"all 3 of its lines exceed data\.max_record_bytes=5"):
+        make_source(_jsonl_cfg(path, max_record_bytes=5), "train")
+
+
+def test_heldout_eval_records_refuse_a_lone_surrogate(tmp_path):
+    from r1jax.errors import DataError
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"question": "q", "answer": "1"}\n{"question": "\\ud800", "answer": "2"}\n')
+    with pytest.raises(DataError, match=f"{path}:2: field 'question': lone surrogate"):
+        heldout(_jsonl_cfg(path), 2)

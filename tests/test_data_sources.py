@@ -398,6 +398,112 @@ def test_jsonl_missing_file_names_path(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# JSONL: lone surrogates and oversized records
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b'{"question": "a\\ud800b", "answer": "1"}', "field 'question': lone surrogate \\ud800 at character 1"),
+    (b'{"question": "q", "answer": "\\uDFFF"}', "field 'answer': lone surrogate \\udfff at character 0"),
+    (b'{"question": "q", "answer": "1", "meta": {"tags": ["ok", "\\udbff"]}}',
+     "field 'meta.tags[1]': lone surrogate \\udbff"),
+    (b'{"question": "q", "answer": "1", "\\ud83d": 2}', "key '\\ud83d': lone surrogate \\ud83d"),
+    (b'{"question": "\xed\xa0\x80", "answer": "1"}', "field 'question': lone surrogate \\ud800"),  # raw bytes of one
+])
+def test_jsonl_lone_surrogate_names_file_line_and_field(tmp_path, raw, needle):
+    good = json.dumps({"question": "q", "answer": "a"}).encode()
+    path = tmp_path / "file.jsonl"
+    path.write_bytes(b"\n".join([good, good, raw, good]) + b"\n")
+    with pytest.raises(DataError) as err:
+        JsonlSource(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:3: {needle}") and "not valid Unicode" in msg and "\n" not in msg, msg
+    lazy = JsonlSource(path, validate=False)
+    with pytest.raises(DataError, match="file.jsonl:3: .*lone surrogate"):
+        lazy[2]
+    assert lazy[3]["question"] == "q"
+
+
+def test_jsonl_surrogate_pairs_and_escaped_backslashes_are_text(tmp_path):
+    lines = [json.dumps({"question": "\U0001F600 smile", "answer": "1"}),  # ascii-escaped as a surrogate pair
+             '{"question": "a literal \\\\ud800 is six characters", "answer": "2"}']
+    src = JsonlSource(_write(tmp_path / "ok.jsonl", lines))
+    assert src[0]["question"] == "\U0001F600 smile" and src[1]["question"] == "a literal \\ud800 is six characters"
+    src[0]["question"].encode("utf-8")
+
+
+def _big_line(path, n_bytes, before=3, after=3):
+    """A JSONL file: `before` small records, one record of n_bytes (written in pieces), `after` small."""
+    small = [(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n").encode() for i in range(before + after)]
+    head, tail = b'{"question": "', b'", "answer": "big"}'
+    body = n_bytes - len(head) - len(tail)
+    pieces = [b"x" * (1 << 20)] * (body >> 20) + [b"x" * (body % (1 << 20))]
+    with open(path, "wb") as f:
+        f.writelines([*small[:before], head, *pieces, tail + b"\n", *small[before:]])
+    return path
+
+
+def test_jsonl_oversized_record_is_skipped_and_counted(tmp_path, capsys):
+    path = _big_line(tmp_path / "big.jsonl", 5000)
+    src = JsonlSource(path, max_record_bytes=4096)
+    assert len(src) == 6 and src.skipped == [(4, 5000)]
+    assert [src[i]["question"] for i in range(6)] == [f"q{i}" for i in range(6)]
+    assert src[3]["id"] == "big.jsonl:5"  # line numbers still count the skipped line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [(f"warning: {path}:4: record of 5000 bytes exceeds data.max_record_bytes=4096; skipped it "
+                    "(data.oversized=error refuses the file instead)"),
+                   (f"warning: {path}: skipped 1 oversized record(s) in all (over data.max_record_bytes=4096, the "
+                    "largest 5000 bytes); kept 6")]
+    kept = JsonlSource(path, max_record_bytes=5000)  # the limit itself is not over it
+    assert len(kept) == 7 and not kept.skipped and kept[3]["answer"] == "big"
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"question": "x" * (100 + i), "answer": "1"}) + "\n" for i in range(8)))
+    capsys.readouterr()
+    assert len(JsonlSource(many, max_record_bytes=64)) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 6 and "skipped 8 oversized record(s) in all" in err[-1]  # 5 named, then the count
+    largest = len(json.dumps({"question": "x" * 107, "answer": "1"}))
+    assert err[-1].endswith(f"the largest {largest} bytes); kept 0")
+
+
+def test_jsonl_oversized_record_refused_names_file_line_and_size(tmp_path):
+    path = _big_line(tmp_path / "big.jsonl", 5000, after=0)
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # the last line, without a newline
+    with pytest.raises(DataError) as err:
+        JsonlSource(path, max_record_bytes=4096, oversized="error")
+    assert str(err.value) == (f"{path}:4: record of 5000 bytes exceeds data.max_record_bytes=4096 "
+                              "(data.oversized=skip skips such records)")
+
+
+def test_jsonl_oversized_record_is_never_held_whole(tmp_path):
+    """A 40 MB line under a 64 KiB limit: the scan's peak Python allocation stays near the limit
+    (reading the line whole, as `for line in f` does, would allocate all 40 MB)."""
+    import tracemalloc
+
+    path = _big_line(tmp_path / "huge.jsonl", 40 << 20)
+    tracemalloc.start()
+    try:
+        src = JsonlSource(path, max_record_bytes=64 << 10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(src) == 6 and src.skipped == [(4, 40 << 20)]
+    assert peak < 4 << 20, peak
+
+
+def test_read_lines_sizes_and_bounds():
+    import io
+
+    from r1jax.data.sources import read_lines
+
+    data = b"abc\n" + b"x" * 10 + b"\n" + b"y" * 11 + b"\n\n" + b"z" * 30
+    got = list(read_lines(io.BytesIO(data), 10))
+    assert got == [(1, 0, 4, 3, b"abc\n"), (2, 4, 11, 10, b"x" * 10 + b"\n"), (3, 15, 12, 11, None),
+                   (4, 27, 1, 0, b"\n"), (5, 28, 30, 30, None)]
+    assert sum(n for _, _, n, _, _ in got) == len(data)  # offsets and lengths cover the file exactly
+
+
+# --------------------------------------------------------------------------------------------------
 # Shipped eval sets
 # --------------------------------------------------------------------------------------------------
 

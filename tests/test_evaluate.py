@@ -358,3 +358,58 @@ def test_eval_sets_are_the_shipped_files_and_the_task_test_split():
     train_questions = {train[i]["question"] for i in range(20000)}
     assert all(r["id"].split(":")[2] == "test" and r["question"] not in train_questions for r in held)
     assert all("target_answer" not in r for r in held)  # flawed demonstrations are training-only
+
+
+def _reward_worker_dirs():
+    import glob
+    import os
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "r1jax-reward-worker-*")))
+
+
+def test_sample_eval_scores_in_reward_worker_processes(tiny, monkeypatch):
+    """The default scoring is not done in this process: with this process's accuracy reward broken,
+    the verdicts are still the accuracy reward's (computed in the workers), counted in "scoring", and
+    the workers are gone afterwards."""
+    from r1jax.rewards import accuracy as acc
+    from r1jax.rewards import combine
+
+    def broken(*args, **kwargs):
+        raise AssertionError("scored in the evaluating process")
+
+    records = [{"id": "arithmetic:0:test:0", "question": "What is 3 + 4?", "answer": "7"},
+               {"id": "gsm8k:1", "question": "What is 1 + 1?", "answer": "2"}]
+    dirs = _reward_worker_dirs()
+    monkeypatch.setattr(combine, "score_components", broken)
+    monkeypatch.setattr(acc, "accuracy_reward", broken)
+    out = run(tiny, records)
+    monkeypatch.undo()
+    assert out["scoring"]["completions"] == len(records) * K
+    assert out["scoring"]["timeouts"] == out["scoring"]["crashes"] == 0
+    assert 0 < out["scoring"]["worker_peak_rss_mb"] < 2048
+    for rec, row in zip(records, out["problems"]):
+        for s in row["samples"]:
+            assert s["correct"] == (accuracy_reward(s["completion"], rec) > 0.5)
+    assert _reward_worker_dirs() == dirs  # the scorer it started was closed
+
+
+def test_greedy_accuracy_and_sample_eval_use_a_given_scorer(tiny):
+    from r1jax.evaluate import greedy_accuracy
+
+    graphdef, state, tok = tiny
+    calls = []
+
+    def scorer(completions, records):  # right iff the completion has an even length
+        calls.append(len(completions))
+        return {"accuracy": np.asarray([float(len(c) % 2 == 0) for c in completions])}
+
+    out = run(tiny, SAME, scorer=scorer)
+    assert calls == [len(SAME) * K] and out["scoring"] is None  # one batched call; no stats to report
+    for row in out["problems"]:
+        assert [s["correct"] for s in row["samples"]] == [len(s["completion"]) % 2 == 0 for s in row["samples"]]
+    calls.clear()
+    greedy = greedy_accuracy(graphdef, state, tok, "r1", SAME, NEW, batch_size=2, scorer=scorer)
+    assert calls == [2, 1]  # one call per decoded batch
+    assert greedy["accuracy"] == pytest.approx(np.mean([s["correct"] for s in greedy["samples"]]))
+    assert all(s["correct"] == (len(s["completion"]) % 2 == 0) for s in greedy["samples"])

@@ -421,3 +421,26 @@ def test_run_rejection_checks_records_before_sampling_and_checks_the_policy(tmp_
     with pytest.raises(ValueError, match="3 completions for record 'mathset:1', expected 12"):
         run_rejection(lambda batch, k: [["a"] * 3 for _ in batch], records(), SETTINGS, "r1_zero", tmp_path / "out")
     assert os.listdir(tmp_path) == []
+
+
+def test_run_rejection_reports_what_the_reward_workers_met(tmp_path):
+    """Scoring through the GRPO reward workers: an exploding answer is refused (not verified), an
+    over-long completion is not scored; both read "incorrect", and the report counts them."""
+    from r1jax.rewards import RewardFn
+
+    tower = f" <think> {GOOD} </think> <answer> 10^{{10^{{10^{{10}}}}}} </answer>"
+    settings = dataclasses.replace(SETTINGS, samples_per_prompt=3, non_reasoning_ratio=0.0)
+
+    def policy(batch, k):
+        return [[f" <think> {GOOD} </think> <answer> {r['answer']} </answer>", tower,
+                 f" <think> {GOOD} </think> <answer> {r['answer']} </answer>" + " " * 2000] for r in batch]
+
+    recs = records()[:2]
+    with RewardFn({"accuracy": 1.0}, workers=1, timeout=30.0, max_chars=1000) as fn:
+        report = run_rejection(policy, recs, settings, "r1_zero", tmp_path / "sft", reward_fn=fn)
+    assert report["total"]["accepted"] == 2 and report["total"]["rejected"]["incorrect"] == 4
+    scoring = report["scoring"]
+    assert (scoring["completions"], scoring["refusals"], scoring["oversized"]) == (6, 2, 2)
+    assert scoring["timeouts"] == scoring["crashes"] == 0 and 0 < scoring["worker_peak_rss_mb"] < 2048
+    assert json.loads((tmp_path / "sft" / "report.json").read_text())["scoring"] == scoring
+    assert run_rejection(policy, recs, settings, "r1_zero", tmp_path / "inline")["scoring"] is None  # no reward_fn

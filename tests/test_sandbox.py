@@ -301,3 +301,19 @@ def test_the_runner_runs_with_the_standard_library_only():
     out = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, timeout=30,
                          check=False)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_reward_workers_refuse_code_where_the_host_cannot_sandbox(monkeypatch):
+    """A worker process that cannot sandbox does not score the code 0 and go on: the caller gets
+    SandboxUnavailable with the reason, through the worker pool as inline."""
+    from r1jax.rewards import RewardFn
+
+    monkeypatch.setenv(code.DISABLED_ENV, "1")
+    monkeypatch.setattr(code, "_setup", None)  # probe again, here as in the workers
+    completion = "<think> t </think> <answer>```python\nprint('escaped')\n```</answer>"
+    with pytest.raises(SandboxUnavailable, match=code.DISABLED_ENV):
+        RewardFn({"accuracy": 1.0}, inline=True)([completion], [{"tests": ESCAPED}])
+    with RewardFn({"accuracy": 1.0}, workers=1, timeout=20.0) as fn:
+        assert fn(["<answer> 2 </answer>"], [{"answer": "2"}])["accuracy"][0] == 1.0  # no code: scored as ever
+        with pytest.raises(SandboxUnavailable, match=code.DISABLED_ENV):
+            fn([completion], [{"tests": ESCAPED}])

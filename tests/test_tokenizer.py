@@ -263,3 +263,11 @@ def test_load_prefers_sentencepiece(sp_tok, hf_dir, tmp_path):
         (tmp_path / name).write_bytes(data)
     (tmp_path / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
     assert Tokenizer.load(tmp_path).files() == sp_tok.files()
+
+
+@pytest.mark.parametrize("texts", [[], ["", ""]])
+def test_train_on_no_text_is_one_line_before_sentencepiece(tmp_path, texts):
+    with pytest.raises(DataError) as e:
+        Tokenizer.train_sentencepiece(iter(texts), tmp_path, 300)
+    assert str(e.value) == "tokenizer: no text to train a tokenizer on (the training data is empty)"
+    assert not (tmp_path / "tokenizer.model").exists()

@@ -32,10 +32,7 @@ def make_source(cfg: DataConfig, split: str):
     from r1jax.data import procedural, sources
 
     if cfg.train_path and split == cfg.split:
-        src = sources.JsonlSource(cfg.train_path)
-        if not len(src):
-            raise DataError(f"data.train_path: {cfg.train_path} holds no records to train on")
-        return src
+        return jsonl_source(cfg, cfg.train_path, "data.train_path")
 
     if cfg.source == "arithmetic":
         return procedural.ArithmeticTask(cfg.seed, split, cfg.size, min_digits=cfg.min_digits,
@@ -43,7 +40,7 @@ def make_source(cfg: DataConfig, split: str):
     if cfg.source == "countdown":
         return procedural.CountdownTask(cfg.seed, split, cfg.size, n_numbers=cfg.n_numbers)
     if cfg.source == "jsonl":
-        return sources.JsonlSource(cfg.path)
+        return jsonl_source(cfg, cfg.path, "data.path")
     if cfg.source == "gsm8k":
         return sources.gsm8k(split)
     if cfg.source in ("math500", "aime2024"):
@@ -53,6 +50,20 @@ def make_source(cfg: DataConfig, split: str):
 
         return tfds_builders.tfds_source(cfg.name, split, cfg.path)
     raise ConfigError(f"data.source: unknown source {cfg.source!r}")
+
+
+def jsonl_source(cfg: DataConfig, path: str, key: str):
+    """The JSONL file `path` (set by config key `key`) read under cfg's record-size policy; a file
+    with no records (empty, blank, or only oversized lines) is refused here, naming it, before
+    anything (a tokenizer's training) reads it."""
+    from r1jax.data import sources
+
+    src = sources.JsonlSource(path, max_record_bytes=cfg.max_record_bytes, oversized=cfg.oversized)
+    if not len(src):
+        why = (f"all {len(src.skipped)} of its lines exceed data.max_record_bytes={cfg.max_record_bytes}"
+               if src.skipped else "it is empty or holds only blank lines")
+        raise DataError(f"{key}: {path}: no records to read ({why})")
+    return src
 
 
 def stated_answer(record: dict) -> str:
@@ -224,7 +235,10 @@ def heldout(cfg: DataConfig, n: int) -> list[dict]:
 
 
 def tokenizer_corpus(source, template: str, n: int) -> Iterator[str]:
-    """Texts to train a tokenizer on: the first n examples of `source` rendered with `template`."""
+    """Texts to train a tokenizer on: the first n examples of `source` rendered with `template`.
+    DataError naming the source (its file) if it has none."""
+    if not len(source):
+        raise DataError(f"tokenizer: {getattr(source, 'path', source)}: no records to train a tokenizer on")
     for i in range(min(n, len(source))):
         r = source[i]
         yield render_prompt(template, r["question"]) + render_completion(template, r.get("reasoning", ""),

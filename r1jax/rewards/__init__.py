@@ -10,13 +10,23 @@ R1 section 2.2.2 trains R1-Zero on two rule-based rewards, no neural reward mode
 R1 section 2.3.2 adds, for the cold-started RL stage, a language-consistency reward
 (`language_consistency`): the share of target-language words in the chain of thought.
 
-Answers are read by `answer.answer_tag` (the one `<answer>` parser) and `answer.extract_answer`;
-`check_answer(record, completion)` is the verdict evaluation and rejection sampling share with GRPO.
-`RewardFn(weights)(completions, records)` combines them with weights, scoring in worker processes
-with a per-completion timeout; the GRPO driver calls it once per rollout batch.
+Answers are read by `answer.answer_tag` (the one `<answer>` parser) and `answer.extract_answer`, both
+linear in the text; `accuracy.explodes` refuses, before the verifier runs, answers whose exact value
+is too large to compute (exponent towers, huge powers and factorials). `check_answer(record,
+completion)` is the accuracy verdict. `RewardFn(weights)(completions, records)` combines the rewards
+with weights, scoring in worker processes with a per-completion timeout and a per-worker address-space
+cap (completions over `max_chars` score 0); the GRPO driver calls it once per rollout batch, and
+evaluation and rejection sampling score with it too (`stats()`: timeouts, refusals, restarts, ...).
 """
 
-from r1jax.rewards.accuracy import accuracy_reward, answers_equivalent, check_answer, is_code_record, normalize_answer
+from r1jax.rewards.accuracy import (
+    accuracy_reward,
+    answers_equivalent,
+    check_answer,
+    explodes,
+    is_code_record,
+    normalize_answer,
+)
 from r1jax.rewards.answer import AnswerTag, answer_tag, extract_answer, extract_boxed
 from r1jax.rewards.code import (
     RunResult,
@@ -27,7 +37,7 @@ from r1jax.rewards.code import (
     run_tests,
     sandbox_report,
 )
-from r1jax.rewards.combine import COMPONENTS, RewardFn, reward_weights, score_components
+from r1jax.rewards.combine import COMPONENTS, RewardFn, reward_weights, score_components, stats_delta
 from r1jax.rewards.format import format_reward
 from r1jax.rewards.language import LANGUAGE_PREDICATES, language_consistency, reasoning_text
 
@@ -42,6 +52,7 @@ __all__ = [
     "answers_equivalent",
     "check_answer",
     "code_reward",
+    "explodes",
     "extract_answer",
     "extract_boxed",
     "extract_program",
@@ -56,4 +67,5 @@ __all__ = [
     "run_tests",
     "sandbox_report",
     "score_components",
+    "stats_delta",
 ]

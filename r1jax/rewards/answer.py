@@ -12,6 +12,9 @@ from typing import NamedTuple
 
 OPEN, CLOSE = "<answer>", "</answer>"
 _BOX_CMD = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_SPACES = re.compile(" *")
+_BARE_ARG = re.compile(r"[^\s$]*")
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character (`\{` too) or a brace
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 
 
@@ -41,36 +44,41 @@ def answer_tag(text: str) -> AnswerTag | None:
         pos = end + len(CLOSE)
 
 
-def _braced(text: str, start: int) -> str | None:
-    """Content of the brace group opening at text[start] == "{", braces balanced; `\\{` and `\\}` are
-    literal characters, not grouping. None if the group never closes."""
-    depth, i = 0, start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
+def _group_ends(text: str, starts: set[int]) -> dict[int, int]:
+    """{i: j} for each i of `starts` (text[i] == "{") whose brace group closes, at text[j] == "}".
+
+    Braces balance as a left-to-right scan from i counts them, `\\{` and `\\}` (any backslash and the
+    character after it) being literal characters. One pass over the text for all of them: the group
+    opened at depth d closes at the first "}" after it that brings the depth back to d. Linear in
+    len(text), however many starts and however deep the nesting."""
+    ends: dict[int, int] = {}
+    waiting: dict[int, int] = {}  # depth -> the start opened at that depth, not yet closed
+    depth = 0
+    for m in _BRACE_TOKEN.finditer(text, min(starts)):
+        ch = m.group()
         if ch == "{":
+            if m.start() in starts:
+                waiting[depth] = m.start()
             depth += 1
         elif ch == "}":
             depth -= 1
-            if depth == 0:
-                return text[start + 1:i]
-        i += 1
-    return None
+            start = waiting.pop(depth, None)
+            if start is not None:
+                ends[start] = m.start()
+    return ends
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete `\\boxed{...}` / `\\fbox{...}` (nested braces balanced), or of
-    `\\boxed 5` (argument up to the next space or `$`); None if there is none."""
-    for match in reversed(list(_BOX_CMD.finditer(text))):
-        i = match.end()
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            inner = _braced(text, i)
+    `\\boxed 5` (argument up to the next space or `$`); None if there is none. Linear in len(text)."""
+    args = [_SPACES.match(text, m.end()).end() for m in _BOX_CMD.finditer(text)]  # where each argument starts
+    starts = {i for i in args if text.startswith("{", i)}
+    ends = _group_ends(text, starts) if starts else {}
+    for i in reversed(args):
+        if i in starts:
+            inner = text[i + 1:ends[i]] if i in ends else None
         else:
-            inner = re.match(r"[^\s$]*", text[i:]).group(0) or None
+            inner = _BARE_ARG.match(text, i).group(0) or None
         if inner is not None:
             return inner.strip()
     return None

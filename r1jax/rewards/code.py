@@ -19,7 +19,7 @@ subprocesses, ctypes, writes outside the working directory), not as the wall: a 
 it off and is still inside all of the above.
 
 A host without what this needs (unprivileged user namespaces where r1jax is not root, a seccomp
-filter for its architecture) does not score code with less: `sandbox_report()` says why and
+filter for its architecture), or where R1JAX_SANDBOX_DISABLED is set, does not score code with less: `sandbox_report()` says why and
 `run_program` raises `SandboxUnavailable` with that reason. Whatever fails in a program (timeout,
 crash, non-zero exit, wrong output) scores 0 for that test.
 """
@@ -49,6 +49,7 @@ DISK_MB = 64  # the working directory's tmpfs: every file the program writes, to
 MAX_PROCESSES = 32  # RLIMIT_NPROC headroom (threads: new processes are refused outright)
 NOBODY = 65534
 SCRATCH_ENV = "R1JAX_SANDBOX_DIR"  # where sandbox directories go (default: the system temp dir)
+DISABLED_ENV = "R1JAX_SANDBOX_DISABLED"  # set (non-empty): this host runs no submitted code at all
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 SETUP_FAILED = 113  # the runner's exit status when it could not build the sandbox
 
@@ -86,6 +87,10 @@ def sandbox_report() -> dict[str, Any]:
     with _setup_lock:
         if _setup is None:
             info: dict[str, Any] = {"python": sys.executable, "root": os.getuid() == 0, "ok": False, "error": None}
+            if os.environ.get(DISABLED_ENV):
+                info["error"] = f"running submitted code is switched off on this host ({DISABLED_ENV} is set)"
+                _setup = info
+                return dict(info)
             try:
                 res, _ = _run(sys.executable, "", "", timeout=20.0, memory_mb=512, probe=True)
                 mine = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("net", "pid", "mnt", "user")}
@@ -332,7 +337,9 @@ def run_tests(program: str, tests: Sequence[Mapping[str, str]], *, timeout: floa
     return passed / len(tests)
 
 
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# possessive [ \t]*+: a fence followed by a run of spaces is not re-tried at every split of the run
+# (quadratic: 64k characters of "```   " took 4.4 s)
+_FENCE = re.compile(r"```[ \t]*+(?:python3?|py)?[ \t]*+\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def extract_program(completion: str) -> str | None:

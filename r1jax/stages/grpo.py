@@ -4,8 +4,9 @@ One iteration (`GRPOIteration`, the stage loop's step; train.steps counts iterat
   1. rollout     group_size samples of each of prompts_per_step prompts, in-graph (`sampling.generate`
                  on the training params themselves: same arrays, same mesh, no copy, no weight sync),
                  drawn as the `sampling` section says;
-  2. score       rewards on the host (`r1jax.rewards.RewardFn`: worker processes with timeouts),
-                 plus DAPO's soft overlong penalty when set;
+  2. score       rewards on the host (`r1jax.rewards.RewardFn`: worker processes with timeouts and
+                 a memory cap), plus DAPO's soft overlong penalty when set; the scoring counts
+                 (timeouts, refusals, worker restarts, ...) go to the metrics;
   3. advantages  group advantages (r - mean) / std, Dr. GRPO without the std, or leave-one-out; with
                  dynamic_sampling, groups whose rewards are all equal are masked out of the loss;
   4. log-probs   log pi_old (and log pi_ref when beta > 0) of the sampled tokens by the training forward;
@@ -29,18 +30,33 @@ from flax import nnx
 from r1jax.config import Config, ConfigError
 from r1jax.data.pipeline import heldout, make_source
 from r1jax.errors import DataError
-from r1jax.evaluate import heldout_eval_fn
+from r1jax.evaluate import eval_scorer, heldout_eval_fn
 from r1jax.rewards import RewardFn
+from r1jax.rewards.combine import stats_delta
 from r1jax.sampling import generate, pad_prompts
 from r1jax.sharding import batch_sharding
 from r1jax.stages.loop import run_loop
 from r1jax.stages.result import StageResult
 from r1jax.stages.start import start_stage
 from r1jax.tokenizer import Tokenizer, encode_prompt
-from r1jax.train.grpo import (GRPOLoss, GRPOState, advantages_and_masks, grpo_step, grpo_wrap, minibatch_plan,
-                              prompt_indices, rollout_batch, token_logprobs)
+from r1jax.train.grpo import (
+    GRPOLoss,
+    GRPOState,
+    advantages_and_masks,
+    grpo_step,
+    grpo_wrap,
+    minibatch_plan,
+    prompt_indices,
+    rollout_batch,
+    token_logprobs,
+)
 from r1jax.train.losses import overlong_penalty
-from r1jax.train.state import StepContext, TrainState, make_context, train_state_shardings
+from r1jax.train.state import (
+    StepContext,
+    TrainState,
+    make_context,
+    train_state_shardings,
+)
 
 
 class PromptStream:
@@ -112,6 +128,7 @@ class Scores:
     components: dict[str, np.ndarray]
     total: np.ndarray  # [N] float32, overlong penalty included
     seconds: float
+    counts: dict | None = None  # a RewardFn's `stats` over this call (rewards.stats_delta), else None
 
 
 @dataclasses.dataclass
@@ -191,14 +208,17 @@ class GRPOIteration:
         """2. Rewards of each response on the host: the reward function's components and their
         weighted total, plus DAPO's overlong penalty (grpo.overlong_max_len > 0)."""
         t0 = time.perf_counter()
+        stats = getattr(self.reward_fn, "stats", None)  # a RewardFn's: timeouts, refusals, restarts, ...
+        before = stats() if callable(stats) else None
         scores = self.reward_fn(rollout.texts, rollout.records)
+        counts = stats_delta(before, stats()) if before is not None else None
         total = np.asarray(scores["total"], np.float32)
         g = self.g
         if g.overlong_max_len:
             total = total + np.asarray(overlong_penalty(jnp.asarray(rollout.num_new), g.overlong_max_len,
                                                         g.overlong_cache))
         components = {k: np.asarray(v) for k, v in scores.items() if k != "total"}
-        return Scores(components=components, total=total, seconds=time.perf_counter() - t0)
+        return Scores(components=components, total=total, seconds=time.perf_counter() - t0, counts=counts)
 
     def advantages_and_masks(self, rollout: Rollout, scores: Scores) -> tuple[dict, dict]:
         """3. Group advantages and the rows each update trains on. Returns (training rows on the mesh:
@@ -274,6 +294,9 @@ class GRPOIteration:
         out["sampling_tokens_per_s"] = out["sampled_tokens"] / max(rollout.seconds, 1e-9)
         out["training_tokens_per_s"] = out["trained_tokens"] / max(updates.seconds, 1e-9)
         out["reward_seconds"] = scores.seconds
+        for key, value in (scores.counts or {}).items():  # timeouts, refusals, restarts, ... of this iteration
+            if key not in ("completions", "worker_peak_rss_mb"):  # no memory figure: the metrics replay on resume
+                out[f"reward_{key}"] = float(value)
         return out
 
 
@@ -281,9 +304,16 @@ def _iteration_tokens(batch: dict, metrics: dict) -> int:
     return int(metrics["sampled_tokens"] + metrics["trained_tokens"])
 
 
+def reward_limits(cfg: Config) -> dict:
+    """The reward workers' limits from the grpo section (the GRPO, eval and rejection stages share
+    them): timeout, workers, memory_mb (address space per worker), max_chars (longest scored completion)."""
+    g = cfg.grpo
+    return {"timeout": g.reward_timeout, "workers": g.reward_workers,
+            "memory_mb": g.reward_memory_mb, "max_chars": g.reward_max_chars}
+
+
 def make_reward_fn(cfg: Config) -> RewardFn:
-    return RewardFn(dataclasses.asdict(cfg.grpo.rewards), timeout=cfg.grpo.reward_timeout,
-                    workers=cfg.grpo.reward_workers, template=cfg.data.template)
+    return RewardFn(dataclasses.asdict(cfg.grpo.rewards), template=cfg.data.template, **reward_limits(cfg))
 
 
 def run_grpo(cfg: Config, reward_fn=None) -> StageResult:
@@ -307,7 +337,9 @@ def run_grpo(cfg: Config, reward_fn=None) -> StageResult:
     reward_fn = reward_fn or make_reward_fn(cfg)
     prompts = PromptStream(source, tok, cfg, start=int(jax.device_get(start.state.step)))
     records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
-    eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens)
+    scorer = eval_scorer(cfg.data.template, **reward_limits(cfg))  # workers start at the first eval, if any
+    eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens,
+                              scorer=scorer)
     iteration = GRPOIteration(cfg, ctx, mesh, tok, reward_fn)
     try:
         with jax.set_mesh(mesh):
@@ -317,6 +349,7 @@ def run_grpo(cfg: Config, reward_fn=None) -> StageResult:
                                      eval_first=start.how != "resume", shown=("reward", "accuracy", "response_length"),
                                      tokens_of=_iteration_tokens)
     finally:
+        scorer.close()
         if own_rewards and hasattr(reward_fn, "close"):
             reward_fn.close()
         if start.checkpointer is not None:

@@ -23,6 +23,8 @@ from r1jax.errors import ConfigError
 from r1jax.evaluate import sample_completions
 from r1jax.rejection import run_rejection
 from r1jax.rewards import RewardFn
+from r1jax.rewards.combine import STAT_KEYS
+from r1jax.stages.grpo import reward_limits
 from r1jax.stages.result import StageResult
 from r1jax.stages.start import load_policy
 
@@ -41,7 +43,8 @@ def _result(how: str, report: dict, out: Path) -> StageResult:
     return StageResult(kind="rejection", how=how, details={"report": report}, outputs={
         "dataset": str(out), "acceptance_rate": total.get("acceptance_rate"), "accepted": total.get("accepted"),
         "samples": total.get("samples"), "rejected": total.get("rejected", {}),
-        "examples": (report.get("dataset") or {}).get("examples")})
+        "examples": (report.get("dataset") or {}).get("examples"),
+        "scoring": {k: v for k, v in (report.get("scoring") or {}).items() if k in STAT_KEYS}})  # counts only
 
 
 def _done(out: Path) -> StageResult:
@@ -83,8 +86,8 @@ def run_rejection_stage(cfg: Config) -> StageResult:
                                           batch_size=r.prompts_per_batch * k)
         return texts
 
-    reward_fn = RewardFn({"accuracy": 1.0}, timeout=cfg.grpo.reward_timeout, workers=cfg.grpo.reward_workers,
-                         template=cfg.data.template)
+    # Accuracy in the GRPO reward workers (timeout, memory cap, longest scored completion: the grpo section's).
+    reward_fn = RewardFn({"accuracy": 1.0}, template=cfg.data.template, **reward_limits(cfg))
     # Every process samples (the sampler is SPMD over the mesh); process 0's dataset is the one kept.
     target = out if jax.process_index() == 0 else Path(tempfile.mkdtemp(prefix="r1jax-rejection-")) / "dataset"
     try:

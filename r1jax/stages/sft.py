@@ -13,8 +13,9 @@ import jax
 
 from r1jax.config import Config
 from r1jax.data.pipeline import GlobalBatchLoader, heldout, make_source
-from r1jax.evaluate import heldout_eval_fn
+from r1jax.evaluate import eval_scorer, heldout_eval_fn
 from r1jax.sharding import batch_sharding
+from r1jax.stages.grpo import reward_limits
 from r1jax.stages.loop import run_loop
 from r1jax.stages.result import StageResult
 from r1jax.stages.start import start_stage
@@ -42,7 +43,9 @@ def run_sft(cfg: Config, step_builder: StepBuilder | None = None, kind: str = "s
     else:
         step_fn = step_builder(ctx, mesh, tok, shardings, batch_sharding(mesh))
     records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
-    eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens)
+    scorer = eval_scorer(cfg.data.template, **reward_limits(cfg))  # workers start at the first eval, if any
+    eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens,
+                              scorer=scorer)
 
     flops = train_flops_per_token(cfg.model, cfg.train.seq_len, with_mtp=cfg.train.mtp)
     try:
@@ -51,6 +54,7 @@ def run_sft(cfg: Config, step_builder: StepBuilder | None = None, kind: str = "s
                                      checkpointer=start.checkpointer, tokenizer_files=tok.files(),
                                      flops_per_token=flops, eval_fn=eval_fn, eval_every=cfg.train.eval_every)
     finally:
+        scorer.close()
         loader.close()
         if start.checkpointer is not None:
             start.checkpointer.close()
