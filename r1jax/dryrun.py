@@ -209,7 +209,7 @@ def teacher_model_config(cfg: Config, teacher: ModelConfig | str | Path | None =
         directory, step = find_stage_checkpoint(path)
         if step is None:
             return load_model_config(directory), f"{directory}/config.yaml"
-        saved = RunCheckpointer(directory, every=1, keep=1, async_save=False).saved_config(step)
+        saved = RunCheckpointer(directory, every=1, keep=1, async_save=False, read_only=True).saved_config(step)
         return build(ModelConfig, saved["model"], {}, "model."), f"{directory}/{step}/config"
     except (CheckpointError, KeyError) as e:
         raise ConfigError(f"distill.teacher: {path}: cannot read the teacher's model config ({e}); to size a "

@@ -1,9 +1,12 @@
 """Whole SFT runs in subprocesses: exact resume after SIGKILL, SIGTERM, bad input, divergence,
-stage hand-off, and two processes x 4 devices against one process x 8 devices."""
+stage hand-off, damaged checkpoints (resume and hand-off), and two processes x 4 devices against
+one process x 8 devices."""
 
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,7 +116,10 @@ def test_exact_resume_after_sigkill(tmp_path, reference_run):
     _, _, ref_log, ref_params = reference_run
     config = write_config(tmp_path / "cfg.yaml", tmp_path / "run")
     proc = start(config)
-    wait_for_step(tmp_path / "run", 6, proc)  # the step-4 checkpoint exists by now (saved before step 5)
+    wait_for_step(tmp_path / "run", 6, proc)
+    while not (tmp_path / "run" / "4").is_dir():  # the step-4 save finished (async: about at step 6)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = logged(tmp_path / "run")[-1]["step"]
@@ -121,12 +127,13 @@ def test_exact_resume_after_sigkill(tmp_path, reference_run):
     r = sft(config)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resume" in r.stdout
+    resumed_from = re.search(rf"resuming from step (\d+) in {tmp_path / 'run'}", r.stderr)
+    assert resumed_from, r.stderr[-3000:]
+    assert int(resumed_from[1]) in (4, 8) and int(resumed_from[1]) < killed_at  # back to the last checkpoint
     rows = logged(tmp_path / "run")
-    resumed = [x for x in rows[rows.index(next(x for x in rows if x["step"] == killed_at)) + 1:]]
-    assert resumed[0]["step"] <= killed_at  # it went back to the last checkpoint
-    by_step = {x["step"]: x["loss"] for x in ref_log}
-    for x in resumed:  # same batches in the same order give bit-identical losses
-        assert x["loss"] == by_step[x["step"]], x["step"]
+    assert [x["step"] for x in rows] == list(range(1, 13))  # each step once: the replayed ones replaced
+    for x, ref in zip(rows, ref_log):  # same batches in the same order give bit-identical losses
+        assert x["loss"] == ref["loss"], x["step"]
     for a, b in zip(ref_params, final_params(config, tmp_path / "run")):
         np.testing.assert_array_equal(a, b)
 
@@ -193,6 +200,7 @@ def test_handoff_starts_from_the_earlier_stage(tmp_path, reference_run):
     r = sft(config)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "hand-off" in r.stdout
+    assert f"checkpoint.init_from: starting from step 12 of {ref_run}\n" in r.stderr  # names the step it uses
     cfg = load_config(config)
     ctx = make_context(cfg)
     n_params = len(jax.tree.leaves(abstract_train_state(ctx).params))
@@ -200,6 +208,78 @@ def test_handoff_starts_from_the_earlier_stage(tmp_path, reference_run):
     ref_state_params = ref_params[1:1 + n_params]  # leaves order: step, params, opt_state, router_bias
     for a, b in zip(ref_state_params, got[1:1 + n_params]):
         np.testing.assert_array_equal(a, b)  # lr 0: the hand-off params are kept as they were
+
+
+def largest_file(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_a_damaged_step_is_skipped_and_the_run_ends_as_the_reference(tmp_path, reference_run):
+    """The reference run as a kill after step 10 leaves it (checkpoints 4 and 8, metrics to step
+    10), with the step-8 checkpoint truncated: the run resumes from step 4, saying so in one line
+    per fact, leaves step 8 as it is, logs each step once and ends bit-identical to the reference;
+    then rerunning the finished run adds nothing."""
+    _, ref_run, ref_log, ref_params = reference_run
+    run = tmp_path / "run"
+    shutil.copytree(ref_run, run, ignore=lambda d, names: ["12"] if Path(d) == ref_run else [])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in ref_log if x["step"] <= 10))
+    victim = largest_file(run / "8" / "state")
+    size = victim.stat().st_size
+    os.truncate(victim, size // 2)
+    damaged = tree_digest(run / "8")
+    config = write_config(tmp_path / "cfg.yaml", run, train={"eval_examples": 4, "eval_max_new_tokens": 8})
+    r = sft(config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    assert [line for line in lines if f"{run}/8" in line] == [
+        f"checkpoint {run}/8: {victim.relative_to(run / '8')} is truncated ({size // 2} of {size} bytes); left in place"]
+    assert f"resuming from step 4 in {run}, the newest intact step (damaged: 8)" in lines
+    assert tree_digest(run / "8") == damaged  # left in place: not deleted, not rewritten at step 8
+    rows = logged(run)
+    assert [x["step"] for x in rows] == list(range(1, 13))
+    assert [x["loss"] for x in rows] == [x["loss"] for x in ref_log]
+    for a, b in zip(ref_params, final_params(config, run)):
+        np.testing.assert_array_equal(a, b)
+    evals = (run / "evals.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in evals.splitlines()] == [12]
+    # the finished run again: nothing to train or evaluate; it reports the last logged step
+    metrics = (run / "metrics.jsonl").read_text()
+    r = sft_here(config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "loss nan" not in r.stdout and f"loss {ref_log[-1]['loss']:.4f}" in r.stdout, r.stdout
+    assert (run / "evals.jsonl").read_text() == evals and (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_init_from_a_damaged_step_is_refused_in_one_line(tmp_path, reference_run):
+    """Never an older step silently, never "does not fit" for a damaged file: one line naming the
+    damaged step, its file and the newest intact step; nothing touched."""
+    _, ref_run, _, _ = reference_run
+    src = tmp_path / "earlier"
+    shutil.copytree(ref_run, src)
+    meta = src / "12" / "state" / "_METADATA"
+    size = meta.stat().st_size
+    os.truncate(meta, 50)
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", tokenizer={"train_vocab_size": 0},
+                          checkpoint={"init_from": str(src)})
+    hint = f"its newest intact step is 8: checkpoint.init_from={src}/8 starts from it"
+    for damage, what in ((lambda: None, f"state/_METADATA is truncated (50 of {size} bytes)"),
+                         (lambda: shutil.rmtree(src / "12" / "state"), "state/ is missing")):
+        damage()
+        before = tree_digest(src)
+        r = sft_here(config)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{src}/12: {what}" in r.stderr and hint in r.stderr and "does not fit" not in r.stderr, r.stderr
+        assert tree_digest(src) == before
+        assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_checkpoint_dir_that_is_a_file_or_cannot_be_created(tmp_path):
+    f = tmp_path / "not_a_dir"
+    f.write_text("x")
+    for run_dir, what in ((f, f"{f} is a file, not a directory"), (f / "run", f"cannot create {f}/run: {f} is a file")):
+        r = sft_here(write_config(tmp_path / "cfg.yaml", run_dir))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and what in r.stderr, r.stderr
+    assert f.read_text() == "x"
 
 
 # Data, FSDP and expert parallelism across processes; the MoE without its MTP module (the smallest

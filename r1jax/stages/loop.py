@@ -2,7 +2,9 @@
 
 data -> jitted step (donated state, explicit shardings) -> metrics -> checkpoints, with:
   - progress (a bar on a terminal, plain lines in logs: loss, the stage's own figures, tokens/s,
-    MFU, ETA), a JSONL metrics file and TensorBoard scalars (process 0 only);
+    MFU, ETA), a JSONL metrics file and TensorBoard scalars (process 0 only), each step once: a
+    resume drops what was logged after the step it resumes from (those steps run again), and an
+    evaluation already logged at a step is not run again (rerunning a finished run adds nothing);
   - SIGTERM / first Ctrl-C (TPU preemption, scheduler kill): finish the current step, save a
     checkpoint at it, wait for the write, and return with stop="preempted";
   - a non-finite loss: stop before anything is saved from the bad step, wait for the last good
@@ -22,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from r1jax.checkpoint import RunCheckpointer
+from r1jax.checkpoint import RunCheckpointer, write_atomic
 from r1jax.config import Config
 from r1jax.progress import Progress
 
@@ -81,9 +83,40 @@ class Preemption:
         return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
 
 
+def _log_rows(path: Path, upto: int) -> list[dict]:
+    """The rows of the JSONL log `path` (one object with a "step" each) up to step `upto`. The file
+    is rewritten whole (write_atomic) without the rest: rows after `upto`, which a resume from
+    `upto` logs again, and a last line a kill cut short."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= upto:
+            rows.append(row)
+    if len(rows) != len(lines):
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _agreed(flag: bool) -> bool:
+    """Process 0's `flag`, on every process (a decision that a collective computation follows)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 class MetricsLog:
     """Progress (r1jax.progress: a bar on a terminal, a line every log_every steps otherwise) +
-    metrics.jsonl + TensorBoard under `run_dir` (process 0 only).
+    metrics.jsonl + evals.jsonl + TensorBoard under `run_dir` (process 0 only), from `start_step`
+    on: what the logs hold after it is dropped on open (`_log_rows`), and TensorBoard hides its
+    events after it (tensorboardX's purge_step), so each step is logged once across resumes.
 
     `shown`: the metrics the progress displays after the loss (a stage picks its own: GRPO shows
     its reward); tokens/s and MFU always follow."""
@@ -94,13 +127,17 @@ class MetricsLog:
         self.peak = peak_flops_per_device()
         self.jsonl = self.tb = None
         self.run_dir = run_dir if self.active else None
+        self.logged: dict[int, dict] = {}  # metrics rows up to start_step, by step
+        self.logged_evals: dict[int, dict] = {}
         if self.active and run_dir:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+            self.logged = {r["step"]: r for r in _log_rows(Path(run_dir) / "metrics.jsonl", start_step)}
+            self.logged_evals = {r["step"]: r for r in _log_rows(Path(run_dir) / "evals.jsonl", start_step)}
+            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1)
             except ImportError:  # optional at run time
                 self.tb = None
         self.progress = Progress(total_steps, "step", "step", initial=start_step, interval=math.inf,
@@ -131,6 +168,12 @@ class MetricsLog:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, float(v), step)
         self.progress.update(1, self.figures(metrics), line=print_line)
+
+    def logged_eval(self, step: int) -> dict | None:
+        """The evaluation evals.jsonl already holds at `step` (agreed across processes; the others
+        get {"step": step}), or None: it is to be run."""
+        ev = self.logged_evals.get(step)
+        return (ev or {"step": step}) if _agreed(ev is not None) else None
 
     def eval(self, ev: dict) -> None:
         """Append a held-out evaluation ({"step", "accuracy", ...}) to evals.jsonl (the pipeline report
@@ -187,9 +230,11 @@ def run_loop(cfg: Config, step_fn: Callable, state, batches: Iterator[dict], *, 
 
     def evaluate() -> None:
         if eval_fn is not None:
-            ev = dict(eval_fn(state), step=step)
+            ev = log.logged_eval(step)
+            if ev is None:
+                ev = dict(eval_fn(state), step=step)
+                log.eval(ev)
             result.evals.append(ev)
-            log.eval(ev)
 
     try:
         if eval_first:
@@ -225,6 +270,8 @@ def run_loop(cfg: Config, step_fn: Callable, state, batches: Iterator[dict], *, 
                 save(force=step == t.steps)
             if result.stop == "done":
                 evaluate()
+        if step == result.step and step in log.logged:  # nothing left to train: the logged last step
+            result.last = {k: v for k, v in log.logged[step].items() if k != "step"}
     finally:
         if checkpointer is not None:
             checkpointer.wait()

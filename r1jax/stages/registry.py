@@ -23,8 +23,8 @@ from r1jax.stages.sft import run_sft
 def _training_lines(headline: str):
     def describe(result: StageResult, label: str) -> list[str]:
         last = result.last
-        lines = [f"{result.kind} {label}: {result.how} -> step {result.step} ({result.stop}); "
-                 f"{headline} {last.get(headline, float('nan')):.4f}"]
+        figure = f"{headline} {last[headline]:.4f}" if headline in last else f"no new step ({headline} not logged)"
+        lines = [f"{result.kind} {label}: {result.how} -> step {result.step} ({result.stop}); {figure}"]
         curve = [(h["step"], h["reward"]) for h in result.history if "reward" in h]
         if curve:
             lines.append("reward curve: " + " ".join(f"{s}:{r:.3f}" for s, r in curve))
@@ -59,7 +59,7 @@ def _eval_lines(result: StageResult, label: str) -> list[str]:
 
 
 def _loss_figures(result: StageResult) -> str:
-    return f"loss {result.last.get('loss', float('nan')):.4f}"
+    return f"loss {result.last['loss']:.4f}" if "loss" in result.last else "no new step"
 
 
 def _grpo_figures(result: StageResult) -> str:

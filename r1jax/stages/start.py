@@ -1,31 +1,32 @@
 """What every training stage driver does before its loop: runtime, mesh, tokenizer, train state.
 
 A stage starts in one of three ways, decided in this order:
-  resume     checkpoint.dir already holds steps: the latest is restored exactly (state, data
-             position, tokenizer), after checking the config still fits it;
+  resume     checkpoint.dir already holds steps: the newest intact one is restored exactly (state,
+             data position, tokenizer), after checking the config still fits it; a damaged newer
+             step is reported in one line and left in place, and the step resumed from is named;
   hand-off   checkpoint.init_from names an earlier stage: its params and router biases (and its
-             tokenizer, unless tokenizer.path is set) start this stage, with a fresh optimizer;
+             tokenizer, unless tokenizer.path is set) start this stage, with a fresh optimizer; the
+             step used is named, and a damaged one is refused (never an older step unasked);
   fresh      random init (and a tokenizer from tokenizer.path, or trained on the stage's data).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from r1jax import distributed
-from r1jax.checkpoint import RunCheckpointer, find_stage_checkpoint, restore_params
+from r1jax.checkpoint import RunCheckpointer, find_stage_checkpoint, restore_params, sealed
 from r1jax.config import Config, ConfigError
 from r1jax.data.pipeline import tokenizer_corpus
-from r1jax.errors import CheckpointError
+from r1jax.errors import CheckpointDamaged, CheckpointError
 from r1jax.sharding import make_mesh
 from r1jax.tokenizer import Tokenizer
 from r1jax.train.state import (StepContext, abstract_train_state, init_train_state, make_context, split_model,
@@ -51,30 +52,44 @@ def _with_shardings(abstract, shardings):
     return treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(leaves, sh)])
 
 
+def _log(text: str) -> None:
+    """One line on stderr from process 0: how the stage starts (the step used, damage skipped)."""
+    if jax.process_index() == 0:
+        sys.stderr.write(text + "\n")  # one write: no other thread's output inside the line
+        sys.stderr.flush()
+
+
+def _unverified(directory) -> str:
+    return "" if sealed(directory) else " (unverified: it has no integrity manifest)"
+
+
 def _handoff_params(cfg: Config, ctx: StepContext, mesh) -> tuple[nnx.State, nnx.State, dict[str, bytes] | None]:
-    """Params + router biases (+ tokenizer files) of the earlier stage named by checkpoint.init_from."""
+    """Params + router biases (+ tokenizer files) of the earlier stage named by checkpoint.init_from:
+    a params checkpoint, or a run's newest step (or the step <run>/<step> names), verified. The one
+    used is named in the log; a damaged one is refused in one line that names the newest intact
+    step there, never replaced by it unasked."""
     path, step = find_stage_checkpoint(cfg.checkpoint.init_from)
     if step is None:  # a params checkpoint (e.g. converted from HF)
         _, _, state = restore_params(path, cfg.model, mesh)
         _, params, bias = split_model(nnx.merge(ctx.graphdef, state))
         tok = path / "tokenizer"
         files = {p.name: p.read_bytes() for p in tok.iterdir()} if tok.is_dir() else None
+        _log(f"checkpoint.init_from: starting from the params checkpoint {path}{_unverified(path)}")
         return params, bias, files
     shardings = train_state_shardings(ctx, mesh)
     abstract = abstract_train_state(ctx)
     target = {"params": _with_shardings(abstract.params, shardings.params),
               "router_bias": _with_shardings(abstract.router_bias, shardings.router_bias)}
-    src = RunCheckpointer(path, every=1, keep=1, async_save=False)
+    src = RunCheckpointer(path, every=1, keep=1, async_save=False, read_only=True)
     try:
-        out = src.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                       restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
-            tokenizer=ocp.args.JsonRestore()))
-    except ValueError as e:
-        raise CheckpointError(f"{path}/{step}: its params do not fit this stage's model config: "
-                              f"{str(e).splitlines()[0]}") from None
-    files = {n: base64.b64decode(d) for n, d in (out.tokenizer or {}).items()} or None
-    return out.state["params"], out.state["router_bias"], files
+        params, bias, files = src.restore_model(step, target)
+    except CheckpointDamaged as e:
+        intact = src.newest_intact_step(below=step)
+        hint = (f"its newest intact step is {intact}: checkpoint.init_from={src.step_dir(intact)} starts from it"
+                if intact is not None else "it holds no intact step")
+        raise CheckpointError(f"checkpoint.init_from: {e}; not starting from an older step unasked ({hint})") from None
+    _log(f"checkpoint.init_from: starting from step {step} of {path}{_unverified(src.step_dir(step))}")
+    return params, bias, files
 
 
 def load_tokenizer(path) -> Tokenizer:
@@ -84,7 +99,10 @@ def load_tokenizer(path) -> Tokenizer:
     if p.is_dir() and any(c.name.isdigit() for c in p.iterdir()):
         run, step = find_stage_checkpoint(p)
         if step is not None:
-            files = RunCheckpointer(run, every=1, keep=1, async_save=False).tokenizer_files(step)
+            try:
+                files = RunCheckpointer(run, every=1, keep=1, async_save=False, read_only=True).tokenizer_files(step)
+            except CheckpointDamaged as e:
+                raise CheckpointError(f"tokenizer.path: {e}") from None
             if not files:
                 raise ConfigError(f"tokenizer.path: the checkpoint {run}/{step} holds no tokenizer")
             return Tokenizer.from_files(files)
@@ -122,14 +140,14 @@ def start_stage(cfg: Config, source, *, ctx: StepContext | None = None, wrap=Non
     ctx = ctx or make_context(cfg)
     wrap = wrap or (lambda state, copy: state)
     fresh_copy = functools.partial(jax.tree.map, jnp.copy)
-    ckpt = None
+    ckpt = restored = None
     if cfg.checkpoint.dir:
         ckpt = RunCheckpointer(cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    latest = ckpt.latest_step() if ckpt else None
-    if latest is not None:
-        ckpt.check_resumable(cfg, latest)
-        target = wrap(_with_shardings(abstract_train_state(ctx), train_state_shardings(ctx, mesh)), _keep)
-        state, data_state, files = ckpt.restore(latest, target)
+        if ckpt.latest_step() is not None:
+            target = wrap(_with_shardings(abstract_train_state(ctx), train_state_shardings(ctx, mesh)), _keep)
+            restored = ckpt.restore_newest(target, cfg, log=_log)
+    if restored is not None:
+        _, state, data_state, files = restored
         tok = Tokenizer.from_files(files) if files and not cfg.tokenizer.path else _tokenizer(cfg, source, files)
         how = "resume"
     elif cfg.checkpoint.init_from:
@@ -156,8 +174,9 @@ class Policy:
 
 
 def load_policy(path, overrides: list[str] | None = None) -> Policy:
-    """The latest params of a run directory, or a params checkpoint (conversion output), on a mesh of
-    this host's devices (mesh.* overrides apply), with the tokenizer saved beside them."""
+    """The latest params of a run directory (or of the step <run>/<step> names), or a params
+    checkpoint (conversion output), on a mesh of this host's devices (mesh.* overrides apply), with
+    the tokenizer saved beside them."""
     from r1jax.config import load_config, to_dict
 
     path, step = find_stage_checkpoint(path)
@@ -166,9 +185,10 @@ def load_policy(path, overrides: list[str] | None = None) -> Policy:
 
         data = {"model": to_dict(load_model_config(path))}
     else:
-        data = RunCheckpointer(path, every=1, keep=1, async_save=False).saved_config(step)
+        data = RunCheckpointer(path, every=1, keep=1, async_save=False, read_only=True).saved_config(step)
         data.pop("checkpoint", None)
-    cfg = load_config(data=data, overrides=[*(overrides or []), f"checkpoint.init_from={path}"])
+    source = path if step is None else path / str(step)
+    cfg = load_config(data=data, overrides=[*(overrides or []), f"checkpoint.init_from={source}"])
     mesh = make_mesh(cfg.mesh, model=cfg.model)
     ctx = make_context(cfg)
     params, bias, files = _handoff_params(cfg, ctx, mesh)
