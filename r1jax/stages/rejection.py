@@ -67,7 +67,7 @@ def run_rejection_stage(cfg: Config) -> StageResult:
     if r.non_reasoning_ratio > 0:
         if not r.non_reasoning_path:
             raise ConfigError("rejection.non_reasoning_path: non_reasoning_ratio > 0 needs a JSONL of non-reasoning examples")
-        extra = JsonlSource(r.non_reasoning_path)
+        extra = JsonlSource(r.non_reasoning_path, max_record_bytes=cfg.data.max_record_bytes, oversized=cfg.data.oversized)
         non_reasoning = [extra[i] for i in range(len(extra))]
     policy = load_policy(cfg.checkpoint.init_from)
     if policy.tokenizer is None:
