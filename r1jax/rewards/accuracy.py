@@ -115,7 +115,7 @@ _ONE_ARG = frozenset({"\\text", "\\textbf", "\\textit", "\\textrm", "\\mathrm", 
 
 
 class _Explodes(Exception):
-    pass
+    """Raised inside the pre-check's parser as soon as a bound passes its limit."""
 
 
 class _Size(NamedTuple):

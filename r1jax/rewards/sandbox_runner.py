@@ -92,7 +92,7 @@ AF_UNIX = 1
 
 
 class SetupError(Exception):
-    pass
+    """A step of building the sandbox failed; the message names the step and the reason."""
 
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -268,6 +268,15 @@ def _exit_like(status: int) -> None:
     os._exit(code)
 
 
+def _wait_and_exit_like(pid: int) -> None:
+    """Wait for the child `pid` (waitpid retries on EINTR itself) and exit as it did."""
+    try:
+        _, st = os.waitpid(pid, 0)
+    except ChildProcessError:
+        os._exit(1)
+    _exit_like(st)
+
+
 def _run_program(code) -> int:
     """Run the compiled program as `python prog.py` would; its exit status."""
     try:
@@ -345,21 +354,11 @@ def _reaper(cfg: dict, status: int, src: bytes) -> None:
     if pid == 0:
         try:
             _program(cfg, status, src)
-        except SetupError as e:
-            os.write(status, f"error: {e}\n".encode())
-        except OSError as e:
+        except (SetupError, OSError) as e:
             os.write(status, f"error: {e}\n".encode())
         os._exit(SETUP_FAILED)
     os.close(status)
-    while True:
-        try:
-            _, st = os.waitpid(pid, 0)
-            break
-        except ChildProcessError:
-            os._exit(1)
-        except InterruptedError:
-            continue
-    _exit_like(st)  # and with PID 1 gone, the kernel kills anything left in the namespace
+    _wait_and_exit_like(pid)  # and with PID 1 gone, the kernel kills anything left in the namespace
 
 
 def main() -> None:
@@ -396,13 +395,7 @@ def main() -> None:
         os._exit(SETUP_FAILED)
     os.write(status, f"pid {pid}\n".encode())
     os.close(status)
-    while True:
-        try:
-            _, st = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    _exit_like(st)
+    _wait_and_exit_like(pid)
 
 
 if __name__ == "__main__":
