@@ -328,13 +328,15 @@ def _group_members(pgid: int) -> list[int]:
     return pids
 
 
-def _sandbox_processes() -> list[int]:
+def _sandbox_processes(root: str = "") -> list[int]:
+    """Sandboxed programs alive (under `root` when given: another test process's do not count)."""
     pids = []
+    marker = os.path.join(root, "r1jax-sandbox-").encode() if root else b"r1jax-sandbox-"
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if b"r1jax-sandbox-" in f.read():
+                    if marker in f.read():
                         pids.append(int(name))
             except OSError:
                 pass
@@ -589,7 +591,17 @@ def _worker_dirs() -> set[str]:
             for path in glob.glob(os.path.join(tempfile.gettempdir(), pattern))}
 
 
-def test_reward_fn_workers_match_inline_and_survive_a_hang():
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """This test's own temp dir for worker and sandbox directories, so that tests running in
+    parallel (pytest -n) never see each other's."""
+    root = os.path.realpath(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", root)
+    monkeypatch.setenv("TMPDIR", root)
+    return root
+
+
+def test_reward_fn_workers_match_inline_and_survive_a_hang(private_tmp):
     dirs_before = _worker_dirs()
     completions, records = map(list, zip(*MIXED, strict=True))
     weights = {"accuracy": 1.0, "format": 0.5, "language": 0.25}
@@ -608,7 +620,7 @@ def test_reward_fn_workers_match_inline_and_survive_a_hang():
             assert out[name][0] == 0.0  # every component of the hung item, even its good format
             np.testing.assert_allclose(out[name][1:], inline[name], rtol=1e-6)
         # the killed worker's sandboxed program went with it
-        assert _wait_until(lambda: _sandbox_processes() == [], 5.0)
+        assert _wait_until(lambda: _sandbox_processes(private_tmp) == [], 5.0)
 
         start = time.monotonic()
         again = fn(completions, records)
