@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -32,3 +33,13 @@ def devices8():
     if len(devs) < 8:
         pytest.fail(f"sharding tests need 8 devices; XLA_FLAGS gave {len(devs)} (was jax imported before conftest?)")
     return devs[:8]
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """This test's own temp dir for worker and sandbox directories, so that tests running in
+    parallel (pytest -n) never see each other's."""
+    root = os.path.realpath(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", root)
+    monkeypatch.setenv("TMPDIR", root)
+    return root

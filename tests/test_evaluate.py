@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import random
-import tempfile
 from collections import Counter
 from fractions import Fraction
 
@@ -369,7 +368,7 @@ def _reward_worker_dirs():
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "r1jax-reward-worker-*")))
 
 
-def test_sample_eval_scores_in_reward_worker_processes(tiny, monkeypatch, tmp_path):
+def test_sample_eval_scores_in_reward_worker_processes(tiny, private_tmp):
     """The default scoring is not done in this process: with this process's accuracy reward broken,
     the verdicts are still the accuracy reward's (computed in the workers), counted in "scoring", and
     the workers are gone afterwards."""
@@ -381,14 +380,11 @@ def test_sample_eval_scores_in_reward_worker_processes(tiny, monkeypatch, tmp_pa
 
     records = [{"id": "arithmetic:0:test:0", "question": "What is 3 + 4?", "answer": "7"},
                {"id": "gsm8k:1", "question": "What is 1 + 1?", "answer": "2"}]
-    # a temp dir of its own: tests running in parallel (pytest -n) never see each other's workers
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dirs = _reward_worker_dirs()
-    monkeypatch.setattr(combine, "score_components", broken)
-    monkeypatch.setattr(acc, "accuracy_reward", broken)
-    out = run(tiny, records)
-    monkeypatch.undo()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(combine, "score_components", broken)
+        mp.setattr(acc, "accuracy_reward", broken)
+        out = run(tiny, records)
     assert out["scoring"]["completions"] == len(records) * K
     assert out["scoring"]["timeouts"] == out["scoring"]["crashes"] == 0
     assert 0 < out["scoring"]["worker_peak_rss_mb"] < 2048

@@ -591,16 +591,6 @@ def _worker_dirs() -> set[str]:
             for path in glob.glob(os.path.join(tempfile.gettempdir(), pattern))}
 
 
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    """This test's own temp dir for worker and sandbox directories, so that tests running in
-    parallel (pytest -n) never see each other's."""
-    root = os.path.realpath(tmp_path)
-    monkeypatch.setattr(tempfile, "tempdir", root)
-    monkeypatch.setenv("TMPDIR", root)
-    return root
-
-
 def test_reward_fn_workers_match_inline_and_survive_a_hang(private_tmp):
     dirs_before = _worker_dirs()
     completions, records = map(list, zip(*MIXED, strict=True))
