@@ -5,6 +5,8 @@
     python3 dev.py test    # create .venv if needed, install r1jax[test], run the test suite
 
 Extra arguments after `run` go to the main job; after `test` they go to pytest.
+`test` runs the files in parallel (pytest-xdist, one worker per core up to four, each
+file on one worker so its module fixtures are built once); `-n 0` runs serially.
 `python3 dev.py test --reference ...` also installs torch + transformers so the live
 HF parity tests run next to the golden ones.
 """
@@ -52,7 +54,16 @@ def main(argv: list[str]) -> int:
         rest.remove("--reference")
         extras = "test,reference"
     _ensure_env(extras)
-    return subprocess.call([str(PY), "-m", "pytest", *rest], cwd=ROOT, env=env)
+    return subprocess.call([str(PY), "-m", "pytest", *_parallel(rest), *rest], cwd=ROOT, env=env)
+
+
+def _parallel(rest: list[str]) -> list[str]:
+    """pytest-xdist arguments unless the caller chose its own `-n` (or asked only to collect)."""
+    chosen = any(a.startswith(("-n", "--numprocesses", "--dist")) for a in rest)
+    if chosen or any(a in ("--co", "--collect-only") for a in rest):
+        return []
+    # Each worker is one JAX process with 8 fake CPU devices; more than four buys little and costs memory.
+    return ["-n", "auto", "--maxprocesses", "4", "--dist", "loadfile"]
 
 
 if __name__ == "__main__":

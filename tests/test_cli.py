@@ -52,6 +52,18 @@ def test_dev_script_usage(script):
     assert r.returncode == 2 and "python3 dev.py run" in r.stdout
 
 
+def test_dev_test_runs_files_in_parallel_unless_told_otherwise():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("r1jax_dev", ROOT / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    default = dev._parallel([])
+    assert default[:2] == ["-n", "auto"] and default[-2:] == ["--dist", "loadfile"]
+    assert dev._parallel(["-x", "tests/test_cli.py"]) == default
+    for own in (["-n", "0"], ["-n0"], ["--numprocesses=2"], ["--dist", "load"], ["--co", "-q"]):
+        assert dev._parallel(own) == [], own
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage commands in a child process: --dry-run plans, one-line errors with exit 2
 # --------------------------------------------------------------------------------------------------
