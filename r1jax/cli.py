@@ -196,16 +196,17 @@ def cmd_sample(args) -> None:
     template = args.template or policy.cfg.data.template
     ids = [np.asarray(tok.encode(p, add_bos=True), np.int32) if template == "none" else encode_prompt(tok, template, p)
            for p in prompts]
-    rows = [i for i in ids for _ in range(args.num_samples)]
+    rows = [i for i in ids for _ in range(args.num_samples)]  # generate's output rows: each prompt's samples together
     total = max(len(r) for r in rows) + args.max_new_tokens
     if total > policy.cfg.model.max_seq_len:
         raise ConfigError(f"sample: the longest prompt ({max(len(r) for r in rows)} tokens) + --max-new-tokens "
                           f"{args.max_new_tokens} = {total} exceeds model.max_seq_len={policy.cfg.model.max_seq_len}")
-    tokens, lengths = pad_prompts(rows, total, tok.pad_id)
+    tokens, lengths = pad_prompts(ids, total, tok.pad_id)  # each prompt once: prefilled once for its samples
     with jax.set_mesh(policy.mesh):
         out = generate(policy.graphdef, policy.state, tokens, lengths, jax.random.key(args.seed),
                        max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, vocab_limit=tok.vocab_size)
+                       top_k=args.top_k, top_p=args.top_p, vocab_limit=tok.vocab_size,
+                       samples_per_prompt=args.num_samples)
     toks, lens, logps = (np.asarray(jax.device_get(out[k])) for k in ("tokens", "lengths", "logprobs"))
     for i, row in enumerate(rows):
         new = toks[i, len(row):lens[i]].tolist()

@@ -113,6 +113,13 @@ class ModelConfig:
     # rematerialisation of each scanned block in the backward pass: none (keep activations),
     # full (recompute the block), dots (keep matmul outputs, recompute the rest)
     remat: Literal["none", "full", "dots"] = "none"
+    # attention implementation (models/attention.py): auto picks by backend (TPU splash, GPU cuDNN
+    # where its constraints hold, else blockwise); dense builds the [S, S] scores (the reference)
+    attention: Literal["auto", "dense", "blockwise", "splash", "cudnn"] = "auto"
+    attention_block: int = 512  # query and key block of blockwise attention (tokens)
+    # sequence chunk of the output head in losses and log-prob passes (tokens; 0: one chunk): no
+    # [B, S, vocab] array is built, only [B, chunk, vocab] at a time (train/losses.py)
+    logits_chunk: int = 1024
 
     # ---- derived ----
     @property
@@ -150,7 +157,7 @@ class ModelConfig:
     def errors(self) -> list[tuple[str, str]]:
         """Impossible combinations, as (key, message) pairs."""
         out = []
-        positive = ["vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"]
+        positive = ["vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "attention_block"]
         for key in positive:
             if getattr(self, key) <= 0:
                 out.append((key, f"must be > 0, got {getattr(self, key)}"))
@@ -194,7 +201,14 @@ class ModelConfig:
             out.append(("mtp_depth", f"must be >= 0, got {self.mtp_depth}"))
         if self.rope_scaling is not None and self.rope_scaling.factor <= 0:
             out.append(("rope_scaling.factor", "must be > 0"))
-        for key in ("n_kv_heads", "head_dim", "n_routed_experts", "n_shared_experts", "mtp_loss_weight", "init_std"):
+        if self.attention == "cudnn":  # what jax.nn.dot_product_attention(implementation="cudnn") takes
+            head = max(self.qk_head_dim, self.v_head_dim) if self.is_mla else self.gqa_head_dim
+            if self.dtype != "bfloat16":
+                out.append(("attention", f"cudnn needs dtype bfloat16, got {self.dtype}"))
+            if head % 8 or head > 256:
+                out.append(("attention", f"cudnn needs a head dim that is a multiple of 8 and <= 256, got {head}"))
+        for key in ("n_kv_heads", "head_dim", "n_routed_experts", "n_shared_experts", "mtp_loss_weight", "init_std",
+                    "logits_chunk"):
             if getattr(self, key) < 0:
                 out.append((key, f"must be >= 0, got {getattr(self, key)}"))
         for key in ("rope_theta", "norm_eps", "routed_scaling_factor"):
@@ -239,7 +253,14 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with warmup then cosine / linear decay (or constant), global-norm clipping."""
+    """AdamW with warmup then cosine / linear decay (or constant), global-norm clipping.
+
+    Precision (train/state.py make_optimizer, train/update.py apply_gradients): the Adam arithmetic
+    and the update p + u run in float32 for any model.param_dtype; the moments are stored in
+    `moments_dtype`, the new params in model.param_dtype, rounded to nearest or, with
+    `stochastic_rounding` (bfloat16 params only), stochastically so that updates below half a
+    bfloat16 ulp still move the weights on average.
+    """
 
     lr: float = 3e-4
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -253,6 +274,19 @@ class OptimizerConfig:
     decay_biases: bool = False
     decay_embeddings: bool = False  # the input embedding table (and the head when tied)
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    # Adam's first and second moments: float32 whatever the params are, or the params' own dtype
+    # (half the optimizer memory with bfloat16 params)
+    moments_dtype: Literal["float32", "params"] = "float32"
+    # round p + u to bfloat16 params stochastically (unbiased) instead of to nearest; needs
+    # model.param_dtype bfloat16 (float32 params take the update exactly)
+    stochastic_rounding: bool = False
+
+    def model_errors(self, model: ModelConfig) -> list[tuple[str, str]]:
+        """Settings that do not fit the model, as (key in this section, message) pairs."""
+        if self.stochastic_rounding and model.param_dtype != "bfloat16":
+            return [("stochastic_rounding", f"needs model.param_dtype bfloat16, got {model.param_dtype} "
+                                            "(float32 params take each update exactly)")]
+        return []
 
     def errors(self) -> list[tuple[str, str]]:
         out = []

@@ -136,30 +136,38 @@ def sample_completions(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Toke
                        batch_size: int = 128, progress: str = "") -> tuple[list[list[str]], dict]:
     """k sampled completions of each record's prompt (texts[i][j]: record i, sample j), and stats
     {"batch_size", "tokens_per_s", "mean_new_tokens"}. The k x len(records) rows run in batches of
-    min(batch_size, rows), the last padded, so `generate` compiles once; batch c draws with
+    at most min(batch_size, rows) rows, the last padded, so `generate` compiles once. Each prompt is
+    prefilled once per batch for G of its samples (`generate(samples_per_prompt=G)`), G the largest
+    divisor of k that fits a batch; a batch holds batch_size // G prompts. Batch c draws with
     fold_in(key(seed), c): the samples depend on seed and batch_size. `progress`: a label to show
     a progress bar under (default: none)."""
     if not records:
         raise ValueError("sample_completions: no records")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"sample_completions: k={k!r}; need an integer >= 1 samples per problem")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"sample_completions: batch_size={batch_size!r}; need an integer >= 1 rows per batch")
     prompts = [encode_prompt(tokenizer, template, r["question"]) for r in records]
     total = max(len(p) for p in prompts) + max_new_tokens
-    owner = np.repeat(np.arange(len(records)), k)  # row -> its record
-    batch = min(batch_size, len(owner))
+    cap = min(batch_size, k * len(records))  # rows per generate call at most
+    g = max(d for d in range(1, k + 1) if k % d == 0 and d <= cap)  # samples per prefilled prompt
+    units = np.repeat(np.arange(len(records)), k // g)  # prefilled prompt -> its record
+    per_call = cap // g  # prompts per generate call
+    batch = per_call * g
     key = jax.random.key(seed)
     texts: list[list[str]] = [[] for _ in records]
     new_tokens, start_time = 0, time.perf_counter()
-    bar = Progress(len(owner), progress, "sample", active=None if progress else False)
-    for c, start in enumerate(range(0, len(owner), batch)):
-        rows = owner[start:start + batch]
-        chunk = [prompts[i] for i in rows]
-        chunk += [chunk[-1]] * (batch - len(rows))  # fixed shapes: one compilation
+    bar = Progress(k * len(records), progress, "sample", active=None if progress else False)
+    for c, start in enumerate(range(0, len(units), per_call)):
+        chunk_units = units[start:start + per_call]
+        chunk = [prompts[i] for i in chunk_units]
+        chunk += [chunk[-1]] * (per_call - len(chunk_units))  # fixed shapes: one compilation
         toks, lens = pad_prompts(chunk, total, tokenizer.pad_id)
         res = generate(graphdef, state, toks, lens, jax.random.fold_in(key, c), max_new_tokens=max_new_tokens,
                        eos_id=tokenizer.eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                       vocab_limit=tokenizer.vocab_size)
+                       vocab_limit=tokenizer.vocab_size, samples_per_prompt=g)
         out, new_lens = _to_host(res["tokens"]), _to_host(res["lengths"])
+        rows, lens = np.repeat(chunk_units, g), np.repeat(lens, g)  # row j: sample j % g of prompt j // g
         for j, rec in enumerate(rows):
             texts[rec].append(tokenizer.decode(out[j, lens[j]:new_lens[j]].tolist(), skip_special=True))
             new_tokens += int(new_lens[j] - lens[j])
@@ -167,7 +175,7 @@ def sample_completions(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Toke
     bar.close()
     seconds = time.perf_counter() - start_time
     return texts, {"batch_size": batch, "tokens_per_s": new_tokens / max(seconds, 1e-9),
-                   "mean_new_tokens": new_tokens / len(owner)}
+                   "mean_new_tokens": new_tokens / (k * len(records))}
 
 
 def sample_eval(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer, template: str,
@@ -184,8 +192,9 @@ def sample_eval(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer, 
     processes); check(record, completion) -> bool, when given, decides instead, in this process.
     answer_of(completion) -> str | None: the answer it votes for (default:
     `rewards.extract_answer`), grouped by `metrics.answer_equivalence(record)`. ks: the pass@j to
-    report (default: 1 and k). The k x len(records) rows run in batches of min(batch_size, rows), the
-    last padded, so `generate` compiles once; batch c draws with fold_in(key(seed), c): the samples
+    report (default: 1 and k). The k x len(records) rows run in batches of at most min(batch_size,
+    rows), the last padded, so `generate` compiles once, each prompt prefilled once for the samples
+    it has in a batch (`sample_completions`); batch c draws with fold_in(key(seed), c): the samples
     depend on seed and batch_size.
 
     Returns `summarize`'s dict ("pass@1", "pass@<j>", "cons@<k>", "answered", "n" problems, "k"),

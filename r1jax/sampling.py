@@ -6,8 +6,14 @@ batch (right-padded; each row writes its continuation after its own prompt). Gre
 temperature is 0, otherwise temperature / top-k / top-p sampling. A row stops at eos or any stop
 token (kept in the output) or after max_new_tokens.
 
-`generate` returns tokens [B, P + max_new_tokens], new lengths [B], and for each generated token
-log pi(token) under the model's untempered distribution (what the training forward recomputes).
+Memory and work follow what is live: each prompt is prefilled once and its cache copied to its
+samples_per_prompt rows; the loop carries the cache and writes each step's entries in place (no
+per-step copy); decode attention reads cache blocks only up to the longest live row; top-p looks
+at a bounded top-k of the vocabulary, never sorting all of it.
+
+`generate` returns tokens [N, P + max_new_tokens] (N = prompts x samples_per_prompt), new lengths
+[N], and for each generated token log pi(token) under the model's untempered distribution (what
+the training forward recomputes).
 """
 
 from __future__ import annotations
@@ -33,59 +39,102 @@ def pad_prompts(prompts: list[np.ndarray], total_len: int, pad_id: int) -> tuple
     return buf, lengths
 
 
-def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+TOP_P_WIDTH = 1024  # top-p looks at this many most likely tokens (filter_logits)
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float,
+                  top_p_width: int = TOP_P_WIDTH) -> jax.Array:
     """Logits [B, V] of the sampling distribution: divide by temperature, keep the top_k largest
-    (0: all), then the smallest set whose probability reaches top_p (1.0: all); the rest -inf."""
+    (0: all; ties with the k-th kept), then the nucleus, the smallest set of most likely tokens
+    whose probability reaches top_p (1.0: all); the rest -inf.
+
+    No full-vocabulary sort: the nucleus is sought among the w most likely tokens only (one
+    `lax.top_k`), w = top_k when top_k is set, else min(top_p_width, V); their probabilities are
+    normalised over the whole (top-k-cut) vocabulary. This is exact top-p whenever the nucleus
+    has at most w tokens, i.e. the w most likely tokens hold at least top_p of the probability:
+    always when top_k is set (the vocabulary left is those k tokens) or w = V. Otherwise the w
+    most likely tokens (and any tied with the w-th) are kept, which is top_k = w then top-p: a
+    sample never leaves them, and their mass is renormalised over fewer tokens than the nucleus.
+    """
     logits = logits.astype(jnp.float32) / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    v = logits.shape[-1]
+    top = None  # [B, w]: the w largest logits, descending
+    if top_k and top_k < v:
+        top = jax.lax.top_k(logits, top_k)[0]
+        logits = jnp.where(logits < top[:, -1:], -jnp.inf, logits)
     if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        if top is None:
+            top = jax.lax.top_k(logits, min(top_p_width, v))[0]
+        probs = jnp.exp(top - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
         keep = before < top_p  # always keeps the most likely token
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        cutoff = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
 
 
 @flax.struct.dataclass
 class SamplerState:
-    """The decode loop's carry: everything one step reads and writes."""
+    """The decode loop's carry: everything one step reads and writes (N = rows sampled)."""
 
     i: jax.Array  # int32: decode steps taken
-    tokens: jax.Array  # [B, T] int32: prompts, then each row's continuation after its own prompt
-    lengths: jax.Array  # [B] int32: filled positions per row
-    done: jax.Array  # [B] bool: the row hit a stop token or its buffer's end
-    logits: jax.Array  # [B, V] float32: the next-token logits of each row
-    cache: dict  # the model's KV cache (Transformer.init_cache)
-    logprobs: jax.Array  # [B, max_new_tokens] float32: log pi of each generated token
+    tokens: jax.Array  # [N, T] int32: prompts, then each row's continuation after its own prompt
+    lengths: jax.Array  # [N] int32: filled positions per row
+    done: jax.Array  # [N] bool: the row hit a stop token or its buffer's end
+    logits: jax.Array  # [N, V] float32: the next-token logits of each row
+    cache: dict  # the model's KV cache (Transformer.init_cache), updated in place
+    logprobs: jax.Array  # [N, max_new_tokens] float32: log pi of each generated token
     key: jax.Array  # the sampling key
 
 
+def _prefill_shared(model, tokens: jax.Array, lengths: jax.Array, width: int, total: int,
+                    samples_per_prompt: int) -> tuple[jax.Array, dict]:
+    """Prefill B prompts tokens [B, >= width] once over their first `width` positions, then give
+    each of its G = samples_per_prompt rows a copy: returns (logits [B*G, V], a cache of B*G rows x
+    `total` positions), the rows of one prompt contiguous (row b*G + j is sample j of prompt b)."""
+    g = samples_per_prompt
+    logits, prompt_cache = model.prefill(tokens[:, :width], lengths, model.init_cache(tokens.shape[0], width))
+    cache = jax.tree.map(
+        lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, jnp.repeat(part, g, axis=1), 0, axis=2),
+        model.init_cache(tokens.shape[0] * g, total), prompt_cache)
+    return jnp.repeat(logits, g, axis=0), cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "stop_ids", "vocab_limit"))
+                                             "stop_ids", "vocab_limit", "samples_per_prompt", "top_p_width"))
 def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *,
              max_new_tokens: int, eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: Sequence[int] = (), vocab_limit: int = 0) -> dict:
+             stop_ids: Sequence[int] = (), vocab_limit: int = 0, samples_per_prompt: int = 1,
+             top_p_width: int = TOP_P_WIDTH) -> dict:
     """Continue right-padded prompts tokens [B, T] (lengths [B]; T >= max prompt + max_new_tokens:
-    only the first T - max_new_tokens positions are prefilled).
+    only the first T - max_new_tokens positions are prefilled), each G = samples_per_prompt times.
 
-    vocab_limit > 0 never emits ids >= vocab_limit: the model's vocabulary is often padded past the
-    tokenizer's (e.g. for sharding), and those rows' logits are not text.
+    Each prompt is prefilled once and its cache copied to its G rows; the N = B*G rows come out
+    grouped (row b*G + j: sample j of prompt b, as GRPO's group advantages expect). G = 1 is the
+    plain batch. vocab_limit > 0 never emits ids >= vocab_limit: the model's vocabulary is often
+    padded past the tokenizer's (e.g. for sharding), and those rows' logits are not text.
+    top_p_width: see `filter_logits`.
 
-    Returns {"tokens" [B, T], "lengths" [B], "logprobs" [B, max_new_tokens] (0 past a row's end),
-    "num_new" [B]}.
+    The decode loop updates the cache and the token buffer in place (one position per row and
+    step) and each step's attention reads the cache only up to the longest live row, in blocks of
+    model.attention_block positions.
+
+    Returns {"tokens" [N, T], "lengths" [N], "logprobs" [N, max_new_tokens] (0 past a row's end),
+    "num_new" [N]}.
     """
+    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
+        raise ValueError(f"generate: samples_per_prompt={samples_per_prompt!r}; need an integer >= 1")
     model = nnx.merge(graphdef, state)
+    g = samples_per_prompt
     b, t = tokens.shape
-    cache = model.init_cache(b, t)
+    n = b * g
     # Prompts fit in the first T - max_new_tokens positions (the contract above): prefill only those.
     width = t - max_new_tokens if 0 < max_new_tokens < t else t
     with jax.named_scope("prefill"):
-        logits, cache = model.prefill(tokens[:, :width], lengths, cache)
+        logits, cache = _prefill_shared(model, tokens, lengths, width, t, g)
+    tokens, lengths = jnp.repeat(tokens, g, axis=0), jnp.repeat(lengths, g, axis=0)
     stops = jnp.asarray([eos_id, *stop_ids], jnp.int32)
+    rows = jnp.arange(n)
 
     def cond(s: SamplerState):
         return (s.i < max_new_tokens) & ~jnp.all(s.done)
@@ -98,21 +147,26 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, length
         if temperature == 0.0:
             nxt = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
         else:
-            nxt = jax.random.categorical(sub, filter_logits(allowed, temperature, top_k, top_p)).astype(jnp.int32)
+            filtered = filter_logits(allowed, temperature, top_k, top_p, top_p_width)
+            nxt = jax.random.categorical(sub, filtered).astype(jnp.int32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits.astype(jnp.float32)), nxt[:, None], -1)[:, 0]
         live = ~s.done & (s.lengths < t)
         nxt = jnp.where(live, nxt, 0)
-        toks = jnp.where(live[:, None] & (jnp.arange(t)[None] == s.lengths[:, None]), nxt[:, None], s.tokens)
+        # A live row's new token goes to its slot `lengths`; a finished row writes slot 0 of its own
+        # cache (never read again), so the attention bound max(pos) follows the live rows only.
+        pos = jnp.where(live, s.lengths, 0)
+        at = jnp.minimum(s.lengths, t - 1)
+        toks = s.tokens.at[rows, at].set(jnp.where(live, nxt, s.tokens[rows, at]), mode="promise_in_bounds",
+                                         unique_indices=True)
         logps = s.logprobs.at[:, s.i].set(jnp.where(live, logp, 0.0))
         done = s.done | (live & jnp.isin(nxt, stops)) | (s.lengths + 1 >= t)
-        pos = jnp.minimum(s.lengths, t - 1)
         lens = jnp.where(live, s.lengths + 1, s.lengths)
         logits, cache = model.decode_step(nxt, pos, s.cache)
         return SamplerState(i=s.i + 1, tokens=toks, lengths=lens, done=done, logits=logits, cache=cache,
                             logprobs=logps, key=key)
 
-    init = SamplerState(i=jnp.int32(0), tokens=tokens, lengths=lengths, done=jnp.zeros((b,), bool), logits=logits,
-                        cache=cache, logprobs=jnp.zeros((b, max_new_tokens), jnp.float32), key=rng)
+    init = SamplerState(i=jnp.int32(0), tokens=tokens, lengths=lengths, done=jnp.zeros((n,), bool), logits=logits,
+                        cache=cache, logprobs=jnp.zeros((n, max_new_tokens), jnp.float32), key=rng)
     with jax.named_scope("decode"):
         final = jax.lax.while_loop(cond, body, init)
     return {"tokens": final.tokens, "lengths": final.lengths, "logprobs": final.logprobs,

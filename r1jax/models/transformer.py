@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
-from r1jax.models.attention import GQAttention, MLAttention, attention_mask
+from r1jax.models.attention import GQAttention, MLAttention
 from r1jax.models.layers import DTYPES, MLP, RMSNorm, param, rope_cos_sin
 from r1jax.models.moe import MoE
 from r1jax.sharding import constrain, state_shardings
@@ -72,7 +72,8 @@ class Block(nnx.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
         want_cache = bool(ctx.get("want_cache"))
         with jax.named_scope("attention"):
-            out = self.attn(self.attn_norm(x), ctx["cos"], ctx["sin"], ctx["mask"], want_cache=want_cache)
+            out = self.attn(self.attn_norm(x), ctx["cos"], ctx["sin"], ctx["segment_ids"], ctx.get("lengths"),
+                            want_cache=want_cache)
         out, cache = out if want_cache else (out, None)
         x = x + out
         y, aux = self._ffn(x, ctx["token_mask"])
@@ -86,10 +87,10 @@ class Block(nnx.Module):
         with jax.named_scope("mlp"):
             return self.mlp(h), {}
 
-    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array):
-        """One token per row: x [B, 1, d] -> (x, updated layer cache)."""
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array, layer: jax.Array):
+        """One token per row: x [B, 1, d] -> (x, the group's cache with layer `layer` updated in place)."""
         with jax.named_scope("attention"):
-            out, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, pos)
+            out, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, pos, layer)
         x = x + out
         y, _ = self._ffn(x, jnp.ones(x.shape[:2], bool))
         return x + y, cache
@@ -139,23 +140,33 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.dtype])
         return constrain(x, ("batch", "length", "act_embed"))
 
+    def head_weight(self) -> jax.Array:
+        """The output head's weight [d_model, vocab] as stored (the embedding's transpose when tied)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
     def head(self, h: jax.Array) -> jax.Array:
-        """Normalised hidden [..., d_model] -> float32 logits [..., vocab]."""
-        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        """Normalised hidden [..., d_model] -> float32 logits [..., vocab].
+
+        The losses call it on one sequence chunk at a time (train/losses.py `head_chunks`), on the
+        hidden states `__call__(..., logits=False)` returns."""
+        w = self.head_weight()
         with jax.named_scope("head"):
             logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab")) if logits.ndim == 3 else logits
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 *, with_mtp: bool = False, return_hidden: bool = False) -> tuple[jax.Array, dict]:
-        """Logits [B, S, vocab] (float32) and aux.
+                 *, with_mtp: bool = False, return_hidden: bool = False, logits: bool = True) -> tuple[jax.Array, dict]:
+        """Logits [B, S, vocab] (float32) and aux; with logits=False, the final normalised hidden
+        state [B, S, d_model] instead (no [B, S, vocab] array: apply `head` chunk by chunk).
 
         tokens [B, S] int; positions [B, S] (default 0..S-1); segment_ids [B, S] (default all 1;
         0 marks padding, distinct ids mark packed documents). aux holds, for MoE models,
         `moe_load` [L_moe, E] assignments per expert over valid tokens and `balance_loss` [L_moe]
         (unweighted, V3 eq. 17); with `with_mtp`, `mtp_logits` [D, B, S, vocab] where depth k
         (1-based) at position i predicts token i + 1 + k, and `mtp_load` / `mtp_balance_loss`;
-        with `return_hidden`, `hidden` [B, S, d_model], the final normalised hidden state.
+        with `return_hidden`, `hidden` [B, S, d_model], the final normalised hidden state. With
+        logits=False and `with_mtp`, aux holds `mtp_hidden` [D, B, S, d_model] (each depth's
+        normalised output, the input of the shared head) instead of `mtp_logits`.
         """
         cfg = self.cfg
         b, s = tokens.shape
@@ -164,7 +175,8 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, s), jnp.int32)
         cos, sin = rope_cos_sin(positions, cfg)
-        ctx = {"cos": cos, "sin": sin, "mask": attention_mask(segment_ids), "token_mask": segment_ids != 0}
+        # rows may hold packed documents: no lengths (models/attention.py `attention`)
+        ctx = {"cos": cos, "sin": sin, "segment_ids": segment_ids, "token_mask": segment_ids != 0}
         block_fn = lambda blk, h, _: blk(h, ctx)  # noqa: E731
         h = self.embed_tokens(tokens)
         aux: dict = {}
@@ -174,12 +186,11 @@ class Transformer(nnx.Module):
             h, moe_aux = scan_modules(self.moe_blocks, block_fn, h, remat=cfg.remat)
             aux["moe_load"], aux["balance_loss"] = moe_aux["load"], moe_aux["balance_loss"]
         h = self.final_norm(h)
-        logits = self.head(h)
         if return_hidden:
             aux["hidden"] = h
         if with_mtp and cfg.mtp_depth:
-            aux.update(self._mtp(tokens, h, ctx))
-        return logits, aux
+            aux.update(self._mtp(tokens, h, ctx, logits=logits))
+        return (self.head(h) if logits else h), aux
 
     # ---- decoding with a fixed-size cache (see r1jax.sampling) ----
 
@@ -202,8 +213,9 @@ class Transformer(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
         segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
         cos, sin = rope_cos_sin(positions, self.cfg)
-        ctx = {"cos": cos, "sin": sin, "mask": attention_mask(segment_ids), "token_mask": segment_ids != 0,
-               "want_cache": True}
+        # one right-padded prompt per row: `lengths` lets cuDNN take it (models/attention.py `attention`)
+        ctx = {"cos": cos, "sin": sin, "segment_ids": segment_ids, "lengths": lengths.astype(jnp.int32),
+               "token_mask": segment_ids != 0, "want_cache": True}
         h = self.embed_tokens(tokens)
         for group in cache:
             h, aux = scan_modules(getattr(self, group), lambda blk, x, _: blk(x, ctx), h)
@@ -213,18 +225,26 @@ class Transformer(nnx.Module):
         return self.head(h[:, 0]), cache
 
     def decode_step(self, tokens: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """Next-token logits [B, vocab] for tokens [B] at positions pos [B]; the cache gains them."""
+        """Next-token logits [B, vocab] for tokens [B] at positions pos [B]; the cache gains them.
+
+        Each group's stacked cache [L, B, T, ...] rides in the layer scan's carry and layer l writes
+        its entries at [l, b, pos[b]]: XLA updates the one buffer in place (no per-step copy of the
+        cache, which a scan emitting the layers' caches as outputs would make)."""
         cos, sin = rope_cos_sin(pos[:, None], self.cfg)
         h = self.embed_tokens(tokens[:, None])
         new_cache = {}
-        for group in cache:
-            def step(blk, x, layer_cache):
-                x, layer_cache = blk.decode(x, cos, sin, layer_cache, pos)
-                return x, layer_cache
-            h, new_cache[group] = scan_modules(getattr(self, group), step, h, cache[group])
+        for group, group_cache in cache.items():
+            def step(blk, carry, layer):
+                x, c = carry
+                return blk.decode(x, cos, sin, c, pos, layer), None
+            n_layers = next(iter(group_cache.values())).shape[0]
+            (h, new_cache[group]), _ = scan_modules(getattr(self, group), step, (h, group_cache),
+                                                    jnp.arange(n_layers, dtype=jnp.int32))
         return self.head(self.final_norm(h)[:, 0]), new_cache
 
-    def _mtp(self, tokens: jax.Array, h: jax.Array, ctx: dict) -> dict:
+    def _mtp(self, tokens: jax.Array, h: jax.Array, ctx: dict, logits: bool = True) -> dict:
+        """The MTP depths on the main model's final normalised hidden h [B, S, d_model]: {"mtp_logits"
+        [D, B, S, vocab]} (or {"mtp_hidden" [D, B, S, d_model]} with logits=False), + MoE loads."""
         d, (b, s) = self.cfg.mtp_depth, tokens.shape
         # Depth k reads the token k places ahead; past the end it reads 0 (its target is past the end too).
         shifted = jnp.stack([jnp.pad(tokens[:, k:], ((0, 0), (0, k))) for k in range(1, d + 1)])  # [D, B, S]
@@ -236,7 +256,10 @@ class Transformer(nnx.Module):
 
         with jax.named_scope("mtp"):
             _, (hidden, mtp_aux) = scan_modules(self.mtp, step, h, emb, remat=self.cfg.remat)
-        out = {"mtp_logits": self.head(hidden.reshape(d * b, s, -1)).reshape(d, b, s, -1)}
+        if logits:
+            out = {"mtp_logits": self.head(hidden.reshape(d * b, s, -1)).reshape(d, b, s, -1)}
+        else:
+            out = {"mtp_hidden": hidden}
         if self.cfg.is_moe:
             out["mtp_load"], out["mtp_balance_loss"] = mtp_aux["load"], mtp_aux["balance_loss"]
         return out

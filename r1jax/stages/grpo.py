@@ -9,7 +9,8 @@ One iteration (`GRPOIteration`, the stage loop's step; train.steps counts iterat
                  (timeouts, refusals, worker restarts, ...) go to the metrics;
   3. advantages  group advantages (r - mean) / std, Dr. GRPO without the std, or leave-one-out; with
                  dynamic_sampling, groups whose rewards are all equal are masked out of the loss;
-  4. log-probs   log pi_old (and log pi_ref when beta > 0) of the sampled tokens by the training forward;
+  4. log-probs   log pi_old (and log pi_ref when beta > 0) of the sampled tokens by the training forward,
+                 in microbatches, on the rollouts packed several to a row by their actual lengths;
   5. updates     inner_epochs passes over `minibatches` shuffled minibatches, one `grpo_step` each;
                  every ref_refresh_every iterations the reference becomes a copy of the policy;
   6. metrics     reward by component, accuracy, lengths, KL, clip fraction, mismatch, throughput.
@@ -34,7 +35,7 @@ from r1jax.evaluate import eval_scorer, heldout_eval_fn
 from r1jax.rewards import RewardFn
 from r1jax.rewards.combine import stats_delta
 from r1jax.sampling import generate, pad_prompts
-from r1jax.sharding import batch_sharding
+from r1jax.sharding import BATCH_AXES, batch_sharding
 from r1jax.stages.loop import run_loop
 from r1jax.stages.result import StageResult
 from r1jax.stages.start import start_stage
@@ -46,9 +47,12 @@ from r1jax.train.grpo import (
     grpo_step,
     grpo_wrap,
     minibatch_plan,
+    pack_plan,
+    packed_rows,
     prompt_indices,
     rollout_batch,
     token_logprobs,
+    unpack_rows,
 )
 from r1jax.train.losses import overlong_penalty
 from r1jax.train.state import (
@@ -61,8 +65,8 @@ from r1jax.train.state import (
 
 class PromptStream:
     """Iterator of GRPO prompt batches from iteration `start` on: each yields {"records": [P],
-    "tokens" [P*G, T], "lengths" [P*G]} (each prompt repeated G times, groups contiguous; right-padded
-    to T = train.seq_len so every iteration has the same shapes)."""
+    "tokens" [P, T], "lengths" [P]}, each prompt once, right-padded to T = train.seq_len so every
+    iteration has the same shapes (the rollout samples each group_size times)."""
 
     def __init__(self, source, tok: Tokenizer, cfg: Config, start: int):
         self.source, self.tok, self.cfg, self.it = source, tok, cfg, start
@@ -87,7 +91,7 @@ class PromptStream:
             if len(ids) > self.prompt_budget:
                 raise DataError(f"{rec.get('id', 'a record')}: its prompt has {len(ids)} tokens, more than "
                                 f"train.seq_len - sampling.max_new_tokens = {self.prompt_budget}")
-            prompts += [ids] * g.group_size
+            prompts.append(ids)
         tokens, lengths = pad_prompts(prompts, self.cfg.train.seq_len, self.tok.pad_id)
         self.it += 1
         return {"records": records, "tokens": tokens, "lengths": lengths}
@@ -141,13 +145,21 @@ class Updates:
     seconds: float
 
 
-def _prepare(params, bias, ref_params, rows, plens, sampler_logp, num_new, *, ctx: StepContext):
-    """pi_old (and pi_ref) log-probs of the rollout by the training forward, and how far the
-    sampler's own log-probs are from pi_old (a check that sampling and training agree)."""
-    old = token_logprobs(params, bias, rows, ctx=ctx)
+def _prepare(params, bias, ref_params, rows, plens, sampler_logp, num_new, plan=None, *, ctx: StepContext,
+             micro: int):
+    """pi_old (and pi_ref) log-probs [N, T] of the rollout by the training forward, and how far the
+    sampler's own log-probs are from pi_old (a check that sampling and training agree).
+
+    The passes run in `micro` microbatches (`token_logprobs`); with a `plan` (`pack_plan`'s arrays)
+    on the rollouts packed several to a row, their log-probs then mapped back to the rollout rows."""
+    if plan is None:
+        pass_rows, to_rows = rows, lambda x: x  # noqa: E731
+    else:
+        pass_rows, to_rows = packed_rows(rows, plan), lambda x: unpack_rows(x, plan)  # noqa: E731
+    old = to_rows(token_logprobs(params, bias, pass_rows, ctx=ctx, micro=micro))
     out = {"old_logp": old}
     if ref_params is not None:
-        out["ref_logp"] = token_logprobs(ref_params, bias, rows, ctx=ctx)
+        out["ref_logp"] = to_rows(token_logprobs(ref_params, bias, pass_rows, ctx=ctx, micro=micro))
     n = sampler_logp.shape[1]
     pos = jnp.clip(plens[:, None] - 1 + jnp.arange(n)[None], 0, old.shape[1] - 1)  # target of position p is p + 1
     valid = jnp.arange(n)[None] < num_new[:, None]
@@ -169,8 +181,11 @@ class GRPOIteration:
         self.reward_fn = reward_fn
         self.rows_sharding = batch_sharding(mesh)
         self.vec_sharding = batch_sharding(mesh, 1)
+        self.batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
         shardings = train_state_shardings(ctx, mesh)
-        self._prepare = jax.jit(functools.partial(_prepare, ctx=ctx))
+        # The log-prob passes run in microbatches of an update microbatch's rollouts (or fewer packed rows).
+        self.pass_micro = cfg.grpo.minibatches * ctx.grad_accum
+        self._prepare = jax.jit(functools.partial(_prepare, ctx=ctx, micro=self.pass_micro))
         self._update = jax.jit(functools.partial(_minibatch_step, ctx=ctx), donate_argnums=0,
                                out_shardings=(shardings, None))
         self._make_rows = jax.jit(rollout_batch)
@@ -187,20 +202,31 @@ class GRPOIteration:
         return new_state, self.metrics(rollout, scores, weights, updates, mismatch)
 
     def rollout(self, state: GRPOState, batch: dict, key: jax.Array) -> Rollout:
-        """1. Sample a continuation of every prompt row of `batch` (tokens [N, T], lengths [N]) with
-        the training params, in-graph; decode the responses on the host."""
+        """1. Sample group_size continuations of every prompt of `batch` (tokens [P, T], lengths [P])
+        with the training params, in-graph; decode the responses on the host. N = P x group_size
+        rows come out, each group contiguous.
+
+        Each prompt is prefilled once for its whole group (`generate(samples_per_prompt=G)`) when the
+        P prompt rows split evenly over the mesh's batch shards; otherwise the prompts are repeated
+        G times first and every row prefills its own copy (same samples, G times the prefill)."""
         t0 = time.perf_counter()
-        tokens = _global(batch["tokens"], self.rows_sharding)
-        plens = _global(batch["lengths"], self.vec_sharding)
+        g = self.g.group_size
+        prompt_tokens, prompt_lens = np.asarray(batch["tokens"]), np.asarray(batch["lengths"])
+        shared = len(prompt_lens) % self.batch_shards == 0
+        if not shared:
+            prompt_tokens, prompt_lens = np.repeat(prompt_tokens, g, axis=0), np.repeat(prompt_lens, g)
+        host_plens = np.repeat(prompt_lens, g) if shared else prompt_lens
+        tokens = _global(prompt_tokens, self.rows_sharding)
+        plens = _global(prompt_lens, self.vec_sharding)
         model_state = nnx.merge_state(state.params, state.router_bias)  # the training params, no copy
         s = self.s
         out = generate(self.ctx.graphdef, model_state, tokens, plens, key, max_new_tokens=s.max_new_tokens,
                        eos_id=self.tok.eos_id, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                       vocab_limit=self.tok.vocab_size)
+                       vocab_limit=self.tok.vocab_size, samples_per_prompt=g if shared else 1)
+        plens = _global(host_plens, self.vec_sharding)
         toks, tlens = _host(out["tokens"]), _host(out["lengths"])
-        host_plens = np.asarray(batch["lengths"])
         texts = [self.tok.decode(toks[i, host_plens[i]:tlens[i]].tolist(), skip_special=True) for i in range(len(toks))]
-        records = [r for r in batch["records"] for _ in range(self.g.group_size)]
+        records = [r for r in batch["records"] for _ in range(g)]
         return Rollout(out=out, prompt_lengths=plens, tokens=toks, lengths=tlens, num_new=tlens - host_plens,
                        texts=texts, records=records, seconds=time.perf_counter() - t0)
 
@@ -235,9 +261,16 @@ class GRPOIteration:
 
     def logprob_passes(self, state: GRPOState, rows: dict, rollout: Rollout) -> tuple[dict, jax.Array]:
         """4. log pi_old (and log pi_ref) of every sampled token by the training forward, added to
-        `rows`; and the mean |log pi_old - the sampler's log-prob| over response tokens."""
+        `rows`; and the mean |log pi_old - the sampler's log-prob| over response tokens.
+
+        The rollouts are packed by their actual lengths when that takes fewer rows (`pack_plan`:
+        a pass then costs about the tokens generated, not rollouts x row length), and each pass
+        runs in `pass_micro` microbatches."""
+        plan = pack_plan(rollout.lengths, rollout.tokens.shape[1], self.pass_micro * self.batch_shards)
+        if plan is not None:
+            plan = {k: _global(v, self.rows_sharding) for k, v in plan.items()}
         extra = self._prepare(state.params, state.router_bias, state.ref_params, rows, rollout.prompt_lengths,
-                              rollout.out["logprobs"], rollout.out["num_new"])
+                              rollout.out["logprobs"], rollout.out["num_new"], plan)
         mismatch = extra.pop("logp_mismatch")
         return dict(rows, **extra), mismatch
 

@@ -37,14 +37,16 @@ the teacher has none; its teacher log-probs are therefore floored at LOGP_FLOOR 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from r1jax.sharding import constrain
-from r1jax.train.losses import token_cross_entropy
+from r1jax.train.losses import head_chunks, per_token_cross_entropy
 from r1jax.train.sft import BATCH_KEYS
 from r1jax.train.state import StepContext, TrainState
 from r1jax.train.update import accumulate_gradients, apply_gradients, balance_term
@@ -126,10 +128,14 @@ def distill_sum(student_logits: jax.Array, teacher: jax.Array | tuple[jax.Array,
 
     The summed form of `distill_loss`, for accumulating over microbatches."""
     lp, lq = _log_probs(student_logits, teacher, mask, tau, vocab)
-    div = token_divergence(lp, lq, kind, beta)
+    return _masked_total(token_divergence(lp, lq, kind, beta), mask, tau if tau_sq_scale else 1.0)
+
+
+def _masked_total(div: jax.Array, mask: jax.Array, tau: float) -> tuple[jax.Array, jax.Array]:
+    """(sum of div [...] over mask x tau^2, number of masked positions)."""
     keep = mask.astype(bool)
     total = jnp.sum(jnp.where(keep, div, 0.0))
-    if tau_sq_scale:
+    if tau != 1.0:
         total = total * tau ** 2
     return total, jnp.sum(keep.astype(jnp.float32))
 
@@ -157,16 +163,45 @@ def distill_loss(student_logits: jax.Array, teacher: jax.Array | tuple[jax.Array
 # --------------------------------------------------------------------------------------------------
 
 
-def _objective(params, bias, teacher_logits, batch, norm, *, ctx: StepContext, loss_kw: dict, top_k: int,
+def chunked_distill_terms(student_h: jax.Array, student_head: Callable[[jax.Array], jax.Array],
+                          teacher_h: jax.Array, teacher_head: Callable[[jax.Array], jax.Array], targets: jax.Array,
+                          mask: jax.Array, chunk: int, *, kind: Kind = "forward_kl", beta: float = 0.5,
+                          tau: float = 1.0, vocab: int | None = None, top_k: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Per-position divergence and hard-label cross-entropy [B, S], float32, from the two models'
+    final hidden states without a [B, S, vocab] array of either model.
+
+    student_h [B, S, d_s], teacher_h [B, S, d_t] (`__call__(..., logits=False)`), each with its
+    model's head ([B, C, d] -> [B, C, V] float32); targets, mask [B, S]. The teacher's chunk and
+    the student's chunk are computed together, chunk by chunk (`losses.head_chunks`, `chunk` tokens):
+    teacher logits (no gradient) -> its top-k when top_k > 0 (`teacher_topk`, kept for the backward,
+    so only the full-logits teacher's head is recomputed there) -> `token_divergence` with the
+    student's; the cross-entropy is the student's on the first `vocab` columns. Positions outside
+    `mask` hold values that the sums must drop (`jnp.where(mask, ...)`, as `distill_sum` does).
+    """
+
+    def fn(s_logits, t_h, t, m):
+        t_logits = jax.lax.stop_gradient(teacher_head(t_h))
+        teacher = t_logits
+        if top_k:
+            teacher = tuple(checkpoint_name(x, "teacher_topk") for x in teacher_topk(t_logits, top_k, tau, vocab))
+        lp, lq = _log_probs(s_logits, teacher, m, tau, vocab)
+        return token_divergence(lp, lq, kind, beta), per_token_cross_entropy(s_logits[..., :vocab], t)
+
+    saved = ("teacher_topk",) if top_k else ()
+    return head_chunks(fn, student_head, student_h, (jax.lax.stop_gradient(teacher_h), targets, mask), chunk, saved)
+
+
+def _objective(params, bias, teacher, batch, norm, *, ctx: StepContext, loss_kw: dict, top_k: int,
                ce_weight: float):
-    """Student objective of one microbatch: distill_sum / tokens + ce_weight * CE (+ balance if MoE)."""
+    """Student objective of one microbatch: distill_sum / tokens + ce_weight * CE (+ balance if MoE).
+    teacher: (hidden [b, S, d_t], head) of the teacher's forward on the microbatch."""
     model = nnx.merge(ctx.graphdef, params, bias)
-    logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [B, S, Vs]
-    teacher = teacher_logits
-    if top_k:
-        teacher = teacher_topk(teacher_logits, top_k, loss_kw["tau"], loss_kw["vocab"])
-    d_sum, n = distill_sum(logits, teacher, batch["loss_mask"], **loss_kw)
-    ce_sum, _ = token_cross_entropy(logits[..., :loss_kw["vocab"]], batch["targets"], batch["loss_mask"])
+    h, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], logits=False)  # [b, S, d_s]
+    kw = {k: loss_kw[k] for k in ("kind", "beta", "tau", "vocab")}
+    div, ce = chunked_distill_terms(h, model.head, *teacher, batch["targets"], batch["loss_mask"],
+                                    ctx.model.logits_chunk, top_k=top_k, **kw)
+    d_sum, n = _masked_total(div, batch["loss_mask"], loss_kw["tau"] if loss_kw["tau_sq_scale"] else 1.0)
+    ce_sum = jnp.sum(ce * batch["loss_mask"].astype(jnp.float32))
     objective = (d_sum + ce_weight * ce_sum) / norm["tokens"]
     stats = {"distill_sum": d_sum, "ce_sum": ce_sum, "tokens": n}
     if ctx.model.is_moe:
@@ -190,7 +225,9 @@ def distill_step(state: TrainState, teacher_params: nnx.State, teacher_bias: nnx
     distribution. ce_weight mixes in the hard-label cross-entropy on `targets` (same token mean).
 
     Objective: [distill_loss + ce_weight * CE] + balance_loss_coef * balance (MoE student), summed
-    over ctx.grad_accum microbatches (the teacher runs per microbatch). The student's MTP modules
+    over ctx.grad_accum microbatches (the teacher runs per microbatch; both models' logits come
+    chunk by chunk of the student's model.logits_chunk tokens, `chunked_distill_terms`, so no
+    [B, S, vocab] array of either exists). The student's MTP modules
     are not trained here. A MoE student's router biases move by the aux-loss-free rule as in sft_step.
     Jit with ctx, teacher_graphdef and the loss settings bound (functools.partial). `rng` is unused.
     Metrics: loss (the distillation divergence, token mean), ce, objective, grad_norm, lr, tokens,
@@ -204,9 +241,9 @@ def distill_step(state: TrainState, teacher_params: nnx.State, teacher_bias: nnx
     teacher_params, teacher_bias = jax.lax.stop_gradient((teacher_params, teacher_bias))
 
     def teacher_forward(mb):
-        logits, _ = nnx.merge(teacher_graphdef, teacher_params, teacher_bias)(
-            mb["tokens"], mb["positions"], mb["segment_ids"])
-        return jax.lax.stop_gradient(logits)  # [b, S, Vt]
+        teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_bias)
+        h, _ = teacher(mb["tokens"], mb["positions"], mb["segment_ids"], logits=False)
+        return jax.lax.stop_gradient(h), teacher.head  # [b, S, d_t]; the logits come chunk by chunk
 
     def loss_fn(params, mb):
         return _objective(params, state.router_bias, teacher_forward(mb), mb, norm, ctx=ctx, loss_kw=loss_kw,

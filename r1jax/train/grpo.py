@@ -29,9 +29,9 @@ from flax import nnx
 
 from r1jax.config import Config
 from r1jax.sharding import constrain
-from r1jax.train.losses import aggregate_norm, group_advantages, policy_objective, sampled_logprobs
+from r1jax.train.losses import aggregate_norm, chunked_sampled_logprobs, group_advantages, policy_objective
 from r1jax.train.state import StepContext, TrainState
-from r1jax.train.update import accumulate_gradients, apply_gradients, balance_term
+from r1jax.train.update import accumulate_gradients, apply_gradients, balance_term, microbatches
 
 GRPO_KEYS = ("tokens", "positions", "segment_ids", "targets", "response_mask", "old_logp", "advantages")
 
@@ -61,15 +61,15 @@ def _objective(params, bias, batch, norm, *, ctx: StepContext):
     "micro") so that the microbatch losses and statistics add up to the minibatch's."""
     loss_cfg: GRPOLoss = ctx.loss
     model = nnx.merge(ctx.graphdef, params, bias)
-    logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-    logp, entropy = sampled_logprobs(logits, batch["targets"])
+    h, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], logits=False)
+    logp, entropy = chunked_sampled_logprobs(h, model.head, batch["targets"], ctx.model.logits_chunk)
     loss, stats = policy_objective(
         logp, batch["old_logp"], batch["advantages"], batch["response_mask"], clip_low=loss_cfg.clip_low,
         clip_high=loss_cfg.clip_high, ratio_level=loss_cfg.ratio_level, ref_logp=batch.get("ref_logp"),
         beta=loss_cfg.beta, kl=loss_cfg.kl_estimator, aggregation=loss_cfg.aggregation, max_len=loss_cfg.max_len,
         norm=norm)
     m = batch["response_mask"].astype(jnp.float32)
-    stats["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * m) / norm["tokens"]
+    stats["entropy"] = jnp.sum(entropy * m) / norm["tokens"]  # no gradient (chunked_sampled_logprobs)
     stats["policy_loss"] = loss
     if ctx.model.is_moe:
         term, more = balance_term(aux, ctx.balance_loss_coef, norm["micro"])
@@ -95,11 +95,34 @@ def grpo_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContex
     return new_state, metrics
 
 
-def token_logprobs(params: nnx.State, bias: nnx.State, batch: dict, *, ctx: StepContext) -> jax.Array:
-    """log pi(target) [B, S] under `params` (the training forward, no MTP): pi_old and pi_ref."""
+PASS_KEYS = ("tokens", "positions", "segment_ids", "targets")
+
+
+def token_logprobs(params: nnx.State, bias: nnx.State, batch: dict, *, ctx: StepContext,
+                   micro: int | None = None) -> jax.Array:
+    """log pi(target) [B, S] under `params` (the training forward, no MTP): pi_old and pi_ref.
+
+    batch: tokens, positions, segment_ids, targets [B, S] (rollout rows, or packed ones: see
+    `pack_rollouts`). The rows run in `micro` microbatches (default ctx.grad_accum; it must divide
+    B), one after another (lax.map over `update.microbatches`' interleaved split), so the pass
+    holds one microbatch's activations; the head runs in chunks of model.logits_chunk tokens
+    (`losses.chunked_sampled_logprobs`), so no [B, S, vocab] array exists either.
+    """
     model = nnx.merge(ctx.graphdef, params, bias)
-    logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return sampled_logprobs(logits, batch["targets"])[0]
+    n = ctx.grad_accum if micro is None else micro
+    b = batch["tokens"].shape[0]
+    if b % n:
+        raise ValueError(f"{n} log-prob microbatches do not divide {b} rows")
+
+    def one(mb):
+        h, _ = model(mb["tokens"], mb["positions"], mb["segment_ids"], logits=False)
+        return chunked_sampled_logprobs(h, model.head, mb["targets"], ctx.model.logits_chunk)[0]
+
+    rows = {k: batch[k] for k in PASS_KEYS}
+    if n == 1:
+        return one(rows)
+    out = jax.lax.map(one, microbatches(rows, n))  # [n, B / n, S]; microbatch j holds rows j, j + n, ...
+    return constrain(out.swapaxes(0, 1).reshape(b, *out.shape[2:]), ("batch", None))
 
 
 def rollout_batch(tokens: jax.Array, prompt_lengths: jax.Array, total_lengths: jax.Array) -> dict:
@@ -112,6 +135,76 @@ def rollout_batch(tokens: jax.Array, prompt_lengths: jax.Array, total_lengths: j
     response = (pos + 1 >= prompt_lengths[:, None]) & (pos + 1 < total_lengths[:, None])
     return {"tokens": tokens, "positions": pos, "segment_ids": valid.astype(jnp.int32), "targets": targets,
             "response_mask": response.astype(jnp.float32)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed log-prob passes: rollouts packed by their actual length (SFT's packing conventions)
+# --------------------------------------------------------------------------------------------------
+
+
+def pack_plan(lengths: np.ndarray, width: int, multiple: int) -> dict | None:
+    """Where each of N rollouts (rows of `width` tokens, the first lengths[i] real) goes when they
+    are packed several to a row, first-fit in decreasing length, into R rows of `width` tokens.
+
+    R is the smallest multiple * 2^k rows that holds them (so the passes' shapes, and their
+    compiled programs, come from a short list; `multiple` = microbatches x batch shards). None
+    when R would not be below N (packing saves nothing). Host numpy in, host numpy out:
+      src [R, width] int32: flat index i * width + t of the rollout token in each packed slot, -1 padding;
+      segment_ids [R, width] int32: 1, 2, ... per rollout within a row, 0 padding (SFT's convention);
+      positions [R, width] int32: position within the rollout (restarting at 0 for each);
+      unpack [N, width] int32: flat index r * width + o + t of rollout i's position t, -1 for
+        t >= lengths[i] (`unpack_rows` gives those positions 0).
+    """
+    lengths = np.asarray(lengths, np.int64)
+    n = len(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    rows = multiple
+    while rows < n:
+        free, place = np.full(rows, width, np.int64), np.zeros((n, 2), np.int64)  # place: (row, offset)
+        for i in order:
+            fits = np.flatnonzero(free >= lengths[i])
+            if not len(fits):
+                break
+            r = fits[0]
+            place[i] = (r, width - free[r])
+            free[r] -= lengths[i]
+        else:
+            return _plan_arrays(lengths, place, rows, width)
+        rows *= 2
+    return None
+
+
+def _plan_arrays(lengths: np.ndarray, place: np.ndarray, rows: int, width: int) -> dict:
+    src = np.full((rows, width), -1, np.int32)
+    seg = np.zeros((rows, width), np.int32)
+    pos = np.zeros((rows, width), np.int32)
+    unpack = np.full((len(lengths), width), -1, np.int32)
+    count = np.zeros(rows, np.int32)
+    for i in np.lexsort((place[:, 1], place[:, 0])):  # by row, then offset: segment ids in row order
+        (r, o), n = place[i], lengths[i]
+        count[r] += 1
+        src[r, o:o + n] = i * width + np.arange(n)
+        seg[r, o:o + n] = count[r]
+        pos[r, o:o + n] = np.arange(n)
+        unpack[i, :n] = r * width + o + np.arange(n)
+    return {"src": src, "segment_ids": seg, "positions": pos, "unpack": unpack}
+
+
+def packed_rows(rows: dict, plan: dict) -> dict:
+    """The log-prob passes' input rows from `rollout_batch` rows [N, T] and a `pack_plan` (as
+    arrays): tokens, targets (each rollout's own next token, 0 at its end, as unpacked), positions
+    and segment_ids, all [R, T]."""
+    src = plan["src"]
+    take = lambda x: jnp.where(src >= 0, x.reshape(-1)[jnp.maximum(src, 0)], 0)  # noqa: E731
+    return {"tokens": take(rows["tokens"]), "targets": take(rows["targets"]), "positions": plan["positions"],
+            "segment_ids": plan["segment_ids"]}
+
+
+def unpack_rows(values: jax.Array, plan: dict) -> jax.Array:
+    """Per-token values of packed rows [R, T] back in the rollout layout [N, T] (0 past each
+    rollout's end), where advantages, masks and the update read them."""
+    idx = plan["unpack"]
+    return jnp.where(idx >= 0, values.reshape(-1)[jnp.maximum(idx, 0)], 0.0)
 
 
 def advantages_and_masks(total: np.ndarray, group_size: int, *, std_normalize: bool = True,

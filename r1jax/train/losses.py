@@ -1,7 +1,16 @@
 """Losses as small pure functions: token cross-entropy, MTP targets, the GRPO family (distillation's
-divergences live in train/distill.py)."""
+divergences live in train/distill.py).
+
+Each loss on logits [..., V] has a chunked form on hidden states (`head_chunks`): the model runs with
+`logits=False`, and the output head, log-softmax and the per-token terms run over sequence chunks of
+`model.logits_chunk` tokens under jax.checkpoint, so no [B, S, vocab] array exists forward or backward.
+"""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +33,79 @@ def per_token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """-log softmax(logits)[target] at every position, float32 [...]."""
     logits = logits.astype(jnp.float32)
     return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+def head_chunks(fn: Callable[..., Any], head: Callable[[jax.Array], jax.Array], h: jax.Array,
+                xs: tuple[jax.Array, ...], chunk: int, saved: tuple[str, ...] = ()) -> Any:
+    """fn(head(h), *xs) computed over sequence chunks: per-position outputs without [B, S, vocab].
+
+    h [B, S, d_model]: hidden states (the model's `logits=False` output); head: [B, C, d_model] ->
+    [B, C, V] float32 logits (e.g. `Transformer.head`; it may close over the params being
+    differentiated); xs: per-position arrays [B, S, ...] cut into the same chunks (targets, masks,
+    a second model's hidden states); fn(logits [B, C, V], *xs_chunk) -> a pytree of per-position
+    outputs [B, C, ...]. Returns that pytree over the whole sequence, [B, S, ...].
+
+    chunk <= 0 or chunk >= S: one call on the whole sequence (the plain path, [B, S, V] logits).
+    Otherwise S is zero-padded to a multiple of chunk (the padding's outputs are dropped) and a
+    lax.scan runs head + fn chunk by chunk under jax.checkpoint: the forward holds one [B, C, V]
+    block at a time and the backward recomputes each chunk's logits from its hidden states (one
+    more head matmul) instead of keeping them. `saved`: names (jax.ad_checkpoint.checkpoint_name)
+    of values inside fn the backward keeps rather than recomputes (they are stacked over chunks,
+    so they must be small, e.g. a teacher's top-k).
+    """
+    b, s = h.shape[:2]
+    if chunk <= 0 or chunk >= s:
+        return fn(head(h), *xs)
+    n = -(-s // chunk)
+
+    def split(x):  # [B, S, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - s)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    policy = (jax.checkpoint_policies.save_only_these_names(*saved) if saved
+              else jax.checkpoint_policies.nothing_saveable)
+
+    @functools.partial(jax.checkpoint, policy=policy, prevent_cse=False)
+    def body(carry, inputs):
+        h_c, *xs_c = inputs
+        return carry, fn(head(h_c), *xs_c)
+
+    _, ys = jax.lax.scan(body, None, (split(h), *map(split, xs)))
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :s], ys)
+
+
+def chunked_cross_entropy(h: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
+                          mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`token_cross_entropy` of head(h) without [B, S, vocab]: h [B, S, d_model], targets and mask
+    [B, S]; chunk as in `head_chunks`. Returns (summed cross-entropy over mask, sum of mask)."""
+    ce = head_chunks(per_token_cross_entropy, head, h, (targets,), chunk)  # [B, S]
+    m = mask.astype(jnp.float32)
+    return jnp.sum(ce * m), jnp.sum(m)
+
+
+def chunked_mtp_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
+                              mask: jax.Array, chunk: int) -> jax.Array:
+    """Summed cross-entropy of each MTP depth [D]: hidden [D, B, S, d_model] (the model's
+    `mtp_hidden`), targets and mask [D, B, S] (`mtp_targets`); the shared head runs over sequence
+    chunks of `chunk` tokens (`head_chunks`) on the depths stacked as rows [D * B, S]."""
+    d, b, s = targets.shape
+    ce = head_chunks(per_token_cross_entropy, head, hidden.reshape(d * b, s, -1), (targets.reshape(d * b, s),), chunk)
+    return jnp.sum(ce.reshape(d, b, s) * mask.astype(jnp.float32), axis=(1, 2))
+
+
+def chunked_sampled_logprobs(h: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
+                             chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`sampled_logprobs` of head(h) without [B, S, vocab]: h [B, S, d_model], targets [B, S] ->
+    (log pi(target) [B, S], entropy [B, S]), float32. The entropy is a statistic here: it carries
+    no gradient (so the backward spends nothing on it)."""
+
+    def fn(logits, t):
+        logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logp = jnp.take_along_axis(logp_all, t[..., None], axis=-1)[..., 0]
+        lp = jax.lax.stop_gradient(logp_all)
+        return logp, -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+
+    return head_chunks(fn, head, h, (targets,), chunk)
 
 
 def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array, depth: int):
@@ -161,7 +243,8 @@ def policy_objective(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array
     per_token = -jnp.minimum(unclipped, clipped)
     stats = {"clip_fraction": jnp.sum((clipped < unclipped).astype(jnp.float32) * m) / norm["tokens"]}
     if beta:
-        kl_t = kl_estimate(logp, ref_logp, kl)
+        # Positions outside the mask may hold any log-probs (e.g. unpacked padding): keep them finite.
+        kl_t = kl_estimate(jnp.where(m > 0, logp, 0.0), jnp.where(m > 0, ref_logp, 0.0), kl)
         per_token = per_token + beta * kl_t
         stats["kl"] = jnp.sum(kl_t * m) / norm["tokens"]
     return aggregate(per_token, mask, aggregation, max_len, norm), stats

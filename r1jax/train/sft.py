@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.sharding import constrain
-from r1jax.train.losses import mtp_targets, token_cross_entropy
+from r1jax.train.losses import chunked_cross_entropy, chunked_mtp_cross_entropy, mtp_targets
 from r1jax.train.state import StepContext, TrainState
 from r1jax.train.update import accumulate_gradients, apply_gradients, balance_term
 
@@ -34,14 +34,15 @@ def _objective(params, bias, batch, norm, *, ctx: StepContext):
     """Differentiable objective of one microbatch; `norm` holds the whole batch's token counts so
     that microbatch gradients add up to the full-batch gradient."""
     model = nnx.merge(ctx.graphdef, params, bias)
-    logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], with_mtp=ctx.mtp)
-    ce_sum, n = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    chunk = ctx.model.logits_chunk
+    h, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], with_mtp=ctx.mtp, logits=False)
+    ce_sum, n = chunked_cross_entropy(h, model.head, batch["targets"], batch["loss_mask"], chunk)
     objective = ce_sum / norm["tokens"]
     stats = {"ce_sum": ce_sum, "tokens": n}
     if ctx.mtp:
         depth = ctx.model.mtp_depth
         t, m = mtp_targets(batch["targets"], batch["loss_mask"], batch["segment_ids"], depth)
-        sums = jax.vmap(token_cross_entropy)(aux["mtp_logits"], t, m)[0]  # [D]
+        sums = chunked_mtp_cross_entropy(aux["mtp_hidden"], model.head, t, m, chunk)  # [D]
         objective += ctx.model.mtp_loss_weight / depth * jnp.sum(sums / norm["mtp_tokens"])
         stats["mtp_sum"] = sums
     if ctx.model.is_moe:

@@ -2,6 +2,17 @@
 
 The state is a small pytree. The model's graph (nnx.GraphDef) and the optax transformation are
 static and travel beside it in `StepContext`, bound to the update functions with functools.partial.
+
+Precision of training. The params are stored in model.param_dtype and the model computes in
+model.dtype; the presets of real models keep float32 master params with bfloat16 compute. Each
+weight is cast to the compute dtype where a layer uses it (`w[...].astype(x.dtype)`), inside the
+scanned layer body: one [layer's shape] cast per layer and pass, never a cast of the whole [L, ...]
+stack (checked on the compiled step in tests/test_precision.py). Without remat the backward keeps
+those bfloat16 copies as residuals (one bfloat16 copy of the layer weights lives from the forward
+to the backward); with remat full / dots the backward recomputes the cast instead. The optimizer
+(make_optimizer) runs Adam in float32 and stores its moments in optimizer.moments_dtype (float32 by
+default, also under bfloat16 params); the update p + u is formed in float32 and rounded to the
+param dtype, to nearest or stochastically (update.apply_updates).
 """
 
 from __future__ import annotations
@@ -16,8 +27,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from r1jax.config import Config, ModelConfig, OptimizerConfig, TrainConfig
-from r1jax.models.layers import RouterBias
+from r1jax.config import Config, ConfigError, ModelConfig, OptimizerConfig, TrainConfig
+from r1jax.models.layers import DTYPES, RouterBias
 from r1jax.models.transformer import Transformer, abstract_model
 from r1jax.sharding import state_shardings
 
@@ -45,6 +56,8 @@ class StepContext:
     bias_update_speed: float = 0.0  # gamma of the aux-loss-free balancer (V3 section 2.1.2)
     mtp: bool = False  # train the MTP modules (train.mtp and model.mtp_depth > 0)
     loss: Any = None  # the step's own loss settings, e.g. grpo.GRPOLoss for grpo_step
+    stochastic_rounding: bool = False  # round p + u to the (bfloat16) params stochastically
+    seed: int = 0  # train.seed: the stochastic-rounding stream is a function of (seed, step, leaf)
 
 
 def learning_rate_schedule(opt: OptimizerConfig, steps: int) -> optax.Schedule:
@@ -78,11 +91,76 @@ def decay_mask(params: nnx.State, opt: OptimizerConfig) -> nnx.State:
     return nnx.map_state(lambda path, v: v.replace(wants_decay(tuple(str(p) for p in path), v)), params)
 
 
-def make_optimizer(opt: OptimizerConfig, train: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares of every element of `tree`), float32 scalar.
+
+    Each leaf is contracted with itself over all its axes (a dot_general accumulating in float32):
+    no squared copy of the gradients is materialised (XLA:CPU keeps the x * x feeding a reduction
+    as a grads-sized temporary), and a sharded leaf is summed where it lies (partial sums, then one
+    all-reduce), never reshaped."""
+    def sq(x):
+        axes = tuple(range(x.ndim))
+        return jax.lax.dot_general(x, x, ((axes, axes), ((), ())), preferred_element_type=jnp.float32)
+
+    return jnp.sqrt(sum(sq(x) for x in jax.tree.leaves(tree)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm's rule: g -> g * max_norm / ||g|| when ||g|| > max_norm (||.||:
+    global_norm), applied as one float32 scalar factor times each leaf, the result float32.
+
+    A multiply by a scalar is cheap enough for XLA to repeat inside each consumer (Adam's mu and nu
+    updates); optax's per-element g / ||g|| * max_norm is not, so XLA:CPU materialised the clipped
+    gradients as a second grads-sized buffer (measured, tests/test_precision.py). Same state as
+    optax's (EmptyState)."""
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        scale = jnp.where(norm > max_norm, max_norm / norm, 1.0).astype(jnp.float32)
+        return jax.tree.map(lambda g: g.astype(jnp.float32) * scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.GradientTransformation:
+    """optax.scale_by_adam computed in float32, its moments mu and nu stored in `moments_dtype`.
+
+    The gradients are cast to float32 before the moment updates, so the moment arithmetic, the bias
+    corrections and the returned updates (mu_hat / (sqrt(nu_hat) + eps), float32, shaped like the
+    params) are float32 for any param dtype; mu and nu are rounded to `moments_dtype` only when
+    stored. With float32 params and moments every cast is the identity and the step is exactly
+    optax's. The state is optax's ScaleByAdamState (checkpoints keep their layout).
+    """
+    inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=moments_dtype)
+
+    def init(params):
+        state = inner.init(params)
+        return state._replace(nu=optax.tree.cast(state.nu, moments_dtype))  # optax: nu like the params
+
+    def update(updates, state, params=None):
+        return inner.update(jax.tree.map(lambda g: g.astype(jnp.float32), updates), state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(opt: OptimizerConfig, train: TrainConfig,
+                   model: ModelConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(global-norm clip ->) AdamW, and its lr schedule over train.steps.
+
+    The clip is clip_by_global_norm above (optax's rule, as a scalar factor); AdamW is optax.adamw's chain (scale_by_adam -> decayed weights under decay_mask -> -lr), with
+    the float32 scale_by_adam above and moments in opt.moments_dtype ("float32", or "params": the
+    model's param dtype). The updates it returns are float32; apply_gradients adds them to the
+    params. ConfigError (one line naming the key) for settings the model cannot take.
+    """
+    errors = opt.model_errors(model)
+    if errors:
+        raise ConfigError(f"optimizer.{errors[0][0]}: {errors[0][1]}")
     schedule = learning_rate_schedule(opt, train.steps)
-    parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                             mask=lambda params: decay_mask(params, opt)))
+    moments = jnp.float32 if opt.moments_dtype == "float32" else DTYPES[model.param_dtype]
+    parts = [clip_by_global_norm(opt.grad_clip)] if opt.grad_clip > 0 else []
+    parts.append(optax.chain(scale_by_adam(opt.b1, opt.b2, opt.eps, moments),
+                             optax.add_decayed_weights(opt.weight_decay, lambda params: decay_mask(params, opt)),
+                             optax.scale_by_learning_rate(schedule)))
     return optax.chain(*parts), schedule
 
 
@@ -97,11 +175,12 @@ def make_context(cfg: Config, schedule_steps: int | None = None, loss: Any = Non
     optimizer steps (default train.steps), the train section's update hyperparameters, and the
     step's own `loss` settings."""
     train = cfg.train if schedule_steps is None else dataclasses.replace(cfg.train, steps=schedule_steps)
-    tx, schedule = make_optimizer(cfg.optimizer, train)
+    tx, schedule = make_optimizer(cfg.optimizer, train, cfg.model)
     graphdef, _, _ = split_model(abstract_model(cfg.model))
     return StepContext(graphdef=graphdef, tx=tx, schedule=schedule, model=cfg.model, grad_accum=train.grad_accum,
                        balance_loss_coef=train.balance_loss_coef, bias_update_speed=train.bias_update_speed,
-                       mtp=bool(train.mtp and cfg.model.mtp_depth), loss=loss)
+                       mtp=bool(train.mtp and cfg.model.mtp_depth), loss=loss,
+                       stochastic_rounding=cfg.optimizer.stochastic_rounding, seed=train.seed)
 
 
 def _create(ctx: StepContext, key: jax.Array, params: nnx.State | None = None, bias: nnx.State | None = None):

@@ -12,7 +12,9 @@ and builds on three pieces of this module:
   balance_term(aux, coef, n)
       the MoE sequence-wise balance loss (DeepSeek-V3 eq. 17) as a term of a microbatch objective;
   apply_gradients(state, grads, totals, ctx=ctx)
-      the optax step, then each MoE layer's correction bias moved by the step's expert loads:
+      the optax step (float32 Adam, state.make_optimizer), the params moved by apply_updates
+      (p + u in float32, rounded to the param dtype to nearest or stochastically), then each MoE
+      layer's correction bias moved by the step's expert loads:
       b_i += gamma * sign(mean_j load_j - load_i)   (V3 section 2.1.2; biases get no gradient).
 """
 
@@ -26,7 +28,7 @@ import optax
 from flax import nnx
 
 from r1jax.sharding import constrain
-from r1jax.train.state import StepContext, TrainState
+from r1jax.train.state import StepContext, TrainState, global_norm
 
 
 def microbatches(batch: dict, n: int) -> dict:
@@ -50,16 +52,17 @@ def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: dict, n: i
     loss_fn(params, microbatch) -> (objective scalar, stats: a dict of arrays that add up over
     microbatches). Each microbatch's objective must already be divided by whole-batch counts (and
     its constant terms by n), so that the sum over microbatches is the full-batch objective.
-    Returns (grads like params, stats summed over the microbatches plus "objective"). Gradients are
-    accumulated in float32 and returned in each parameter's dtype.
+    Returns (grads like params, stats summed over the microbatches plus "objective").
 
-    n = 1 runs the same scan, one trip: XLA compiles a bare value_and_grad along another
-    floating-point path (bit-different gradients, measured), and keeping the scan keeps every
-    update bit-identical to the step functions before this helper existed. Its float32 carry at
-    n = 1 is a second grads-sized buffer (the dry run counts it), to go with the float32-master
-    work of the long-sequence issue.
+    n = 1: one value_and_grad on the whole batch, grads in the params' dtype; no accumulator, so
+    the step holds a single grads-sized buffer (measured with memory_analysis() in
+    tests/test_precision.py). n > 1: a scan over the microbatches summing into a float32 carry,
+    returned as it is (float32 grads: no second, rounded copy; the optimizer computes in float32).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if n == 1:
+        (objective, stats), grads = grad_fn(params, batch)
+        return grads, dict(stats, objective=objective)
 
     def step(carry, mb):
         acc, totals = carry
@@ -71,7 +74,7 @@ def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: dict, n: i
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(stats0, objective=obj0))
     acc0 = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
     (acc, totals), _ = jax.lax.scan(step, (acc0, zeros), microbatches(batch, n))
-    return jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params), totals
+    return acc, totals
 
 
 def balance_term(aux: dict, coef: float, n_micro: int) -> tuple[jax.Array, dict]:
@@ -105,17 +108,65 @@ def load_max_over_mean(load: jax.Array) -> jax.Array:
     return jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
 
 
+ROUNDING_STREAM = 0x5352  # folded into jax.random.key(train.seed): the stochastic-rounding stream
+
+
+def stochastic_round_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
+    """float32 x -> bfloat16, rounded stochastically: each element becomes one of its two bfloat16
+    neighbours (or itself if representable), the one further from zero with probability
+    (|x| - |lower|) / (|upper| - |lower|), so that E[result] = x exactly.
+
+    bfloat16 is the top 16 bits of float32: uniform random bits r in [0, 2^16) are added to the low
+    16 bits of x's bit pattern (a carry moves x to the next bfloat16 magnitude) and the sum is
+    truncated (stochastic rounding: Gupta et al. 2015, "Deep Learning with Limited Numerical
+    Precision"). Infinities and NaNs convert as they are; a finite x above the largest bfloat16
+    may round to inf.
+    """
+    x = x.astype(jnp.float32)
+    noise = jax.random.bits(key, x.shape, jnp.uint16).astype(jnp.uint32)
+    bits = (jax.lax.bitcast_convert_type(x, jnp.uint32) + noise) >> 16
+    rounded = jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
+    return jnp.where(jnp.isfinite(x), rounded, x.astype(jnp.bfloat16))
+
+
+def rounding_key(seed: int, step: jax.Array) -> jax.Array:
+    """The stochastic-rounding key of optimizer step `step` (int32 scalar): a function of (seed,
+    step) only, so a resumed run draws the same bits as an uninterrupted one."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ROUNDING_STREAM), step)
+
+
+def apply_updates(params: nnx.State, updates: nnx.State, key: jax.Array | None = None) -> nnx.State:
+    """params + updates, formed in float32 and rounded to each param's dtype: to nearest, or with
+    `key` stochastically (stochastic_round_bf16, bfloat16 leaves; leaf i draws from
+    fold_in(key, i), i its index in jax.tree.leaves order). Float32 params: exactly p + u
+    (optax.apply_updates)."""
+    leaves, treedef = jax.tree.flatten(params)
+    new = []
+    for i, (p, u) in enumerate(zip(leaves, treedef.flatten_up_to(updates))):
+        x = p.astype(jnp.float32) + u.astype(jnp.float32)
+        if key is not None and p.dtype == jnp.bfloat16:
+            new.append(stochastic_round_bf16(x, jax.random.fold_in(key, i)))
+        else:
+            new.append(x.astype(p.dtype))
+    return jax.tree.unflatten(treedef, new)
+
+
 def apply_gradients(state: TrainState, grads: nnx.State, totals: dict | None = None, *,
                     ctx: StepContext) -> tuple[TrainState, dict]:
     """The optimizer step on `grads`, then (MoE) the aux-loss-free bias update by the step's loads.
 
+    grads: like the params, in their dtype or float32. The optimizer sees float32 params (its
+    weight-decay term) and returns float32 updates; apply_updates rounds p + u to the param dtype,
+    stochastically under ctx.stochastic_rounding (key: rounding_key(ctx.seed, state.step)).
     totals: accumulate_gradients' summed stats; for a MoE model they hold (balance_term) the expert
     loads "load" [L, E] (and "mtp_load" [D, E] when the MTP modules ran) and "balance", summed over
     ctx.grad_accum microbatches. Returns the new state and {"grad_norm", "lr"} (+ "balance_loss",
     the microbatches' mean, and "load_max_over_mean" for a MoE model)."""
-    updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"grad_norm": optax.tree.norm(grads), "lr": ctx.schedule(state.step)}
+    params32 = jax.tree.map(lambda p: p.astype(jnp.float32), state.params)
+    updates, opt_state = ctx.tx.update(grads, state.opt_state, params32)
+    key = rounding_key(ctx.seed, state.step) if ctx.stochastic_rounding else None
+    params = apply_updates(state.params, updates, key)
+    metrics = {"grad_norm": global_norm(grads), "lr": ctx.schedule(state.step)}
     bias = state.router_bias
     if totals is not None and "load" in totals:
         loads = {"moe": totals["load"], **({"mtp": totals["mtp_load"]} if "mtp_load" in totals else {})}
