@@ -10,16 +10,20 @@ of the resolved sizes. A 671B model on 256 devices is checked on a laptop CPU in
 What the report counts, per device:
   persistent  params, AdamW moments (their dtype as optax keeps them), router biases; GRPO's
               reference params when grpo.beta > 0; logit distillation's frozen teacher.
-  phases      what one step of the stage holds on top: SFT / distillation a train step (grads,
-              the grad-accumulation carry, saved activations of one microbatch, one layer's
-              buffers, the logits); GRPO a rollout (KV cache of prompts_per_step x group_size
-              sequences of train.seq_len), the log-prob pass over all of them (pi_old, pi_ref) and
-              a minibatch update; rejection sampling and eval a sampling batch.
-A phase counts all its items as held at once, layer buffers for one layer of each scanned stack in
-a backward pass (dense blocks, MoE blocks: separate loops), of the larger stack in a forward pass. The peak is the persistent state plus the
-largest phase. Activation bytes follow the arrays the code materialises, with per-element sizes
-checked against XLA's CPU memory_analysis at small shapes; other backends fuse differently, and
-communication buffers and fragmentation are not counted: the peak is an estimate, not a bound.
+  phases      what one step of the stage holds on top: SFT / distillation a train step (grads:
+              the float32 accumulator at grad_accum > 1, else one buffer in the param dtype;
+              saved activations of one microbatch, one layer's buffers, the head's chunk); GRPO a
+              rollout (KV cache of prompts_per_step x group_size sequences of train.seq_len,
+              written in place, each prompt prefilled once), the log-prob passes in microbatches
+              (pi_old, pi_ref) and a minibatch update; rejection sampling and eval a sampling batch.
+A phase counts its ungrouped items as held throughout and, of its groups (one layer of the dense
+stack, of the MoE stack, the output head's sequence chunk, the prefill), the largest: they are live
+at different times. The peak is the persistent state plus the largest phase. Activation bytes
+follow the arrays the code materialises (blockwise attention, chunked log-probs: no [S, S] or
+[S, vocab] array past one block or chunk), with per-element sizes measured with XLA's CPU
+memory_analysis at small shapes (tests/test_dryrun.py keeps tiny SFT steps, rollouts and log-prob
+passes within 25% of it); other backends fuse differently, and communication buffers and
+fragmentation are not counted: the peak is an estimate, not a bound.
 
 The teacher of logit distillation is sized from its checkpoint's saved model config (a params
 checkpoint's config.yaml, or a run directory's saved config). A teacher that does not exist yet can
@@ -51,6 +55,9 @@ class Item:
     name: str
     bytes: int  # per device
     detail: str = ""
+    # items of one phase with the same non-empty group are live at the same time, and each group
+    # at a different time (e.g. the layers' buffers, then the output head's): see Phase.total
+    group: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +67,12 @@ class Phase:
 
     @property
     def total(self) -> int:
-        return sum(i.bytes for i in self.items)
+        """Ungrouped items (held through the phase) plus the largest group (Item.group)."""
+        groups: dict[str, int] = {}
+        for i in self.items:
+            if i.group:
+                groups[i.group] = groups.get(i.group, 0) + i.bytes
+        return sum(i.bytes for i in self.items if not i.group) + max(groups.values(), default=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,30 +263,66 @@ def _itemsize(dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
-# Bytes per element of the buffers below were checked against XLA's CPU memory_analysis of the
-# same functions at small shapes: dot_product_attention 12.3 (forward) / 13.0 (forward + backward)
-# bytes per score element in bfloat16, counted here as 12 + act (forward) / 12 + 2 act; the routed
-# experts 1.15x / 2.9x the rows' base bytes, counted as 1.25x / 3x. In a backward pass the dense and
-# the MoE stacks' loops kept buffers of their own (the MTP modules' loop reused them); forward-only
-# passes shared one set. A whole tiny_v3 SFT step came within 10% of its memory_analysis temp size.
+# Bytes per element of the buffers below were measured with XLA's CPU memory_analysis of the code's
+# own functions at small shapes (bfloat16 compute; tests/test_dryrun.py keeps the whole-step figures
+# within 25%). XLA:CPU computes bfloat16 matmuls in float32, so its buffers are at the wide end; a
+# TPU or GPU keeps more of them in bfloat16. One layer's buffers (attention, MLP or experts) of the
+# dense stack, of the MoE stack, and the output head's are live at different times (Item.group): a
+# phase counts the largest.
+SCORE_BYTES = 12  # blockwise attention: float32 logits, probabilities, their gradient per block-pair element
+QKV_BYTES_BWD = 6.5  # blockwise backward: q, k, v, output blocks and their float32 gradients, per token x head x dim
+MLP_BYTES = (3, 11)  # x act: gate, up, product (forward); and their float32 gradients (backward), per token x d_ff
+LAYER_BYTES_BWD = 32  # a layer's backward: its [rows, S, d_model] activations and float32 gradients, per element
+HEAD_COPIES = (2, 3)  # float32 [rows, chunk, vocab] arrays per head chunk: logits, log-softmax (+ gradient)
+
+
+def attention_path(m: ModelConfig, length: int) -> tuple[str, int]:
+    """(how attention runs at `length` tokens, its block): "dense" (model.attention=dense: the
+    [S, S] reference), "one block" (a blockwise path whose one block covers the row: a plain masked
+    softmax, [S, S] too), or "blockwise" (flash-style, [block, block] at a time; splash and cuDNN
+    keep block-sized buffers as well and are counted as blockwise)."""
+    if m.attention == "dense":
+        return "dense", length
+    n = -(-length // m.attention_block)
+    return ("one block", length) if n == 1 else ("blockwise", -(-length // n))
+
+
+def _attention_buffers(m: ModelConfig, sizes: dict[str, int], rows: int, length: int, backward: bool) -> list[Item]:
+    act, r = _itemsize(m.dtype), rows_per_device(rows, sizes)
+    heads = _split(m.n_heads, "act_heads", sizes)
+    path, c = attention_path(m, length)
+    if path != "blockwise":  # [S, S]: the mask, float32 logits, masked, softmax; act probabilities (+ gradient)
+        return [Item("attention mask", r * length * length, f"[{r}, {length}, {length}] bool ({path})"),
+                Item("attention scores", r * heads * length * length * (12 + (2 if backward else 1) * act),
+                     f"[{r}, {heads} heads, {length}, {length}] ({path}): float32 logits, masked, softmax; "
+                     f"{m.dtype} probabilities" + (" and their gradient" if backward else ""))]
+    dk, dv = (m.qk_head_dim, m.v_head_dim) if m.is_mla else (m.gqa_head_dim, m.gqa_head_dim)
+    items = [Item("attention block scores", r * heads * c * c * SCORE_BYTES,
+                  f"[{r}, {heads} heads, {c}, {c}] float32, one block pair at a time ({length // c + (length % c > 0)} "
+                  f"blocks of {c}, model.attention_block={m.attention_block})")]
+    if backward:
+        items.append(Item("attention q/k/v blocks and gradients", int(r * length * heads * (dk + dv) * QKV_BYTES_BWD),
+                          f"[{r}, {length}, {heads} heads, {dk} + {dv}]: blocked inputs, output, float32 dq/dk/dv"))
+    return items
 
 
 def _layer_buffers(m: ModelConfig, sizes: dict[str, int], rows: int, length: int, backward: bool,
                    who: str = "") -> list[Item]:
-    """One layer's buffers in each scanned stack: attention scores and the MLP or routed experts."""
+    """One layer's buffers in each scanned stack (one group per stack: the stacks' loops run at
+    different times): attention and the MLP or routed experts."""
     act, r = _itemsize(m.dtype), rows_per_device(rows, sizes)
-    heads = _split(m.n_heads, "act_heads", sizes)
-    attn = Item("attention scores (one layer)", r * heads * length * length * (12 + (2 if backward else 1) * act),
-                f"[{r}, {heads} heads, {length}, {length}]: float32 logits, masked, softmax; {m.dtype} "
-                f"probabilities" + (" and their gradient" if backward else ""))
     f = _split(m.d_ff, "act_mlp", sizes)
-    mlp = Item("MLP hidden (one layer)", (6 if backward else 3) * r * length * f * act,
+    mlp = Item("MLP hidden", MLP_BYTES[backward] * r * length * f * act,
                f"gate, up, product [{r}, {length}, {f}]" + (" and their gradients" if backward else ""))
+    attn = _attention_buffers(m, sizes, rows, length, backward)
+    if backward:  # the layer's recomputed inputs, outputs and norms with their float32 gradients
+        attn.append(Item("layer activations and gradients", LAYER_BYTES_BWD * r * length * m.d_model,
+                         f"[{r}, {length}, {m.d_model}]: residual, norms, projections, float32 gradients"))
     stacks = [("dense blocks", m.n_dense_layers > 0, mlp), ("MoE blocks", m.n_moe_layers > 0, None)]
-    per_stack = [[dataclasses.replace(it, name=f"{who}{stack}: {it.name}")
-                  for it in (attn, ffn or _moe_buffers(m, sizes, rows, length, backward))]
+    per_stack = [[dataclasses.replace(it, name=f"{who}{stack}: {it.name} (one layer)", group=f"{who}{stack}")
+                  for it in (*attn, ffn or _moe_buffers(m, sizes, rows, length, backward))]
                  for stack, present, ffn in stacks if present]
-    if backward:  # the stacks' backward loops keep buffers of their own
+    if backward:  # each stack's loop at its own time
         return [it for items in per_stack for it in items]
     return max(per_stack, key=lambda items: sum(it.bytes for it in items))  # forward loops share them
 
@@ -291,18 +339,24 @@ def _moe_buffers(m: ModelConfig, sizes: dict[str, int], rows: int, length: int, 
     t = rows_per_device(rows, sizes) * length * gather
     base = t * k * (d * act + 3 * f * act + 2 * d * 4)
     total = 2 * t * d * act + (3 * base if backward else base * 5 // 4)
-    shared = (6 if backward else 3) * t // gather * m.n_shared_experts * f * act
-    return Item("routed experts (one layer)", total + shared,
+    shared = MLP_BYTES[backward] * t // gather * m.n_shared_experts * f * act
+    return Item("routed experts", total + shared,
                 f"{t} tokens (x{gather}: gathered over the expert axis) x top-{k} rows of {d} and {f} hidden"
                 + (f"; shared experts {shared / GiB:.2f} GiB" if shared else ""))
 
 
-def _logits(m: ModelConfig, sizes: dict[str, int], rows: int, length: int, copies: int, what: str,
-            depth: int = 1) -> Item:
+def _logits(m: ModelConfig, sizes: dict[str, int], rows: int, length: int, backward: bool, what: str,
+            depth: int = 1, chunk: int | None = None) -> Item:
+    """The output head's float32 arrays (group "head"): one sequence chunk of `chunk` (default
+    model.logits_chunk) tokens at a time (losses.head_chunks), or the whole sequence with chunk 0."""
     r = rows_per_device(rows, sizes)
     v = _split(m.vocab_size, "act_vocab", sizes)
-    return Item(f"logits ({what})", copies * depth * r * length * v * 4,
-                f"{copies} x {depth} x [{r}, {length}, {v}] float32")
+    chunk = m.logits_chunk if chunk is None else chunk
+    chunk = chunk if 0 < chunk < length else length
+    copies = HEAD_COPIES[backward]
+    how = f"one chunk of {chunk} at a time" if chunk < length else "the whole sequence (model.logits_chunk=0)"
+    return Item(f"logits ({what})", copies * depth * r * chunk * v * 4,
+                f"{copies} x {depth} x [{r}, {chunk}, {v}] float32, {how}", group="head")
 
 
 def _train_activations(cfg: Config, sizes: dict[str, int], rows: int, length: int, with_mtp: bool) -> list[Item]:
@@ -312,12 +366,14 @@ def _train_activations(cfg: Config, sizes: dict[str, int], rows: int, length: in
     layers = m.n_layers + (m.mtp_depth if with_mtp else 0)
     saved = layers * r * length * m.d_model * act
     bound = "" if m.remat == "full" else f" (remat={m.remat}: a lower bound, see notes)"
-    items = [Item("saved layer inputs", saved, f"{layers} layers x [{r}, {length}, {m.d_model}] {m.dtype}{bound}"),
-             Item("attention mask", r * length * length, f"[{r}, {length}, {length}] bool")]
+    items = [Item("saved layer inputs", saved, f"{layers} layers x [{r}, {length}, {m.d_model}] {m.dtype}{bound}")]
     items += _layer_buffers(m, sizes, rows, length, backward=True)
+    if with_mtp:  # the MTP depths' outputs feed the main stack's gradient: their buffers outlive their loop
+        items.append(Item("MTP activations and gradients", m.mtp_depth * LAYER_BYTES_BWD * r * length * m.d_model,
+                          f"{m.mtp_depth} depths x [{r}, {length}, {m.d_model}], held through the main stacks' backward"))
     depth = 1 + (m.mtp_depth if with_mtp else 0)
     what = "and their gradient" + (", MTP depths included" if with_mtp else "")
-    items.append(_logits(m, sizes, rows, length, 2, what, depth))
+    items.append(_logits(m, sizes, rows, length, True, what, depth))
     return items
 
 
@@ -328,17 +384,28 @@ def _kv_cache(m: ModelConfig, sizes: dict[str, int], rows: int, length: int) -> 
     what = (f"MLA ({m.kv_lora_rank} + {m.qk_rope_head_dim})" if m.is_mla
             else f"GQA K+V (2 x {m.kv_heads} x {m.gqa_head_dim})")
     return Item("KV cache", m.n_layers * r * length * per * act,
-                f"{m.n_layers} layers x [{r}, {length}] x {what} {m.dtype}")
+                f"{m.n_layers} layers x [{r}, {length}] x {what} {m.dtype}, updated in place")
 
 
-def _sampling_phase(cfg: Config, sizes: dict[str, int], rows: int, prompt: int, max_new: int, name: str) -> Phase:
-    """generate(): a cache and token buffer of prompt + max_new per row; prefill over the prompt width."""
-    length = prompt + max_new
-    r = rows_per_device(rows, sizes)
-    items = [_kv_cache(cfg.model, sizes, rows, length),
-             Item("token buffer", r * length * 4, f"[{r}, {length}] int32")]
-    items += _layer_buffers(cfg.model, sizes, rows, prompt, backward=False, who="prefill: ")
-    return Phase(f"{name} ({rows} sequences x {length} tokens, {r} per device; prefill width {prompt})", tuple(items))
+def _sampling_phase(cfg: Config, sizes: dict[str, int], prompts: int, samples: int, prompt: int, max_new: int,
+                    name: str) -> Phase:
+    """generate(samples_per_prompt=samples): one cache and token buffer of prompt + max_new per
+    sampled row, written in place; each prompt prefilled once (prompts rows over the prompt width),
+    its cache entries then copied to its rows; decode reads the cache block by block."""
+    m, length, rows = cfg.model, prompt + max_new, prompts * samples
+    r, rp = rows_per_device(rows, sizes), rows_per_device(prompts, sizes)
+    v = _split(m.vocab_size, "act_vocab", sizes)
+    prompt_cache = dataclasses.replace(_kv_cache(m, sizes, prompts * samples, prompt), name="prefill: prompt cache",
+                                       group="prefill",
+                                       detail=f"the prompts' entries, [{r}, {prompt}] per layer, copied to the rows")
+    items = [_kv_cache(m, sizes, rows, length),
+             Item("token buffer", r * length * 4, f"[{r}, {length}] int32"),
+             Item("next-token logits", 3 * r * v * 4, f"3 x [{r}, {v}] float32: logits, filtered, log-softmax"),
+             prompt_cache,
+             *[dataclasses.replace(it, group="prefill")
+               for it in _layer_buffers(m, sizes, prompts, prompt, backward=False, who="prefill: ")]]
+    return Phase(f"{name} ({prompts} prompts x {samples} samples = {rows} sequences x {length} tokens, {r} per "
+                 f"device; each prompt prefilled once, {rp} per device, width {prompt})", tuple(items))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,11 +458,11 @@ def plan_memory(cfg: Config, kind: str, devices: int | None = None, *,
 def _inference_phase(cfg: Config, kind: str, sizes: dict[str, int]) -> Phase:
     if kind == "rejection":
         r = cfg.rejection
-        rows = r.prompts_per_batch * r.samples_per_prompt
+        prompts, samples = r.prompts_per_batch, r.samples_per_prompt
     else:
-        rows = cfg.eval.batch_size
+        prompts, samples = cfg.eval.batch_size, 1
     max_new = cfg.sampling.max_new_tokens
-    return _sampling_phase(cfg, sizes, rows, PROMPT_TOKENS, max_new, "sampling")
+    return _sampling_phase(cfg, sizes, prompts, samples, PROMPT_TOKENS, max_new, "sampling")
 
 
 def _training(cfg: Config, kind: str, sizes: dict[str, int], mesh: AbstractMesh,
@@ -411,7 +478,11 @@ def _training(cfg: Config, kind: str, sizes: dict[str, int], mesh: AbstractMesh,
                   Item("optimizer state", _local_bytes(state.opt_state, shard.opt_state),
                        f"AdamW moments in {_dtype_names(state.opt_state)}, sharded like the params"),
                   Item("router biases", _local_bytes(state.router_bias, shard.router_bias), "float32")]
-    grads = Item("grads", p_bytes, f"{m.param_dtype}, like the params")
+    if cfg.train.grad_accum == 1:
+        grads = Item("grads", p_bytes, f"{m.param_dtype}, like the params (grad_accum 1: no accumulator)")
+    else:
+        grads = Item("grads", p_bytes * 4 // _itemsize(m.param_dtype),
+                     f"float32: the scan carry summing {cfg.train.grad_accum} microbatch grads (the step's grads)")
     if STAGES[kind].plan == "grpo":
         if cfg.grpo.beta > 0:
             persistent.append(Item("reference params", p_bytes, f"grpo.beta={cfg.grpo.beta} > 0: a frozen copy"))
@@ -424,9 +495,12 @@ def _training(cfg: Config, kind: str, sizes: dict[str, int], mesh: AbstractMesh,
 
 
 def _accumulator(grads: Item, cfg: Config) -> list[Item]:
-    """update.accumulate_gradients' float32 carry (a scan of grad_accum trips, one trip included)."""
-    f32 = grads.bytes * 4 // _itemsize(cfg.model.param_dtype)
-    return [Item("grad accumulator", f32, f"float32, the scan carry summing {cfg.train.grad_accum} microbatch grads")]
+    """update.accumulate_gradients at grad_accum > 1: one microbatch's grads, in the param dtype,
+    beside the float32 carry ("grads"); at grad_accum 1 there is only the one grads buffer."""
+    if cfg.train.grad_accum == 1:
+        return []
+    b = grads.bytes * _itemsize(cfg.model.param_dtype) // 4
+    return [Item("microbatch grads", b, f"{cfg.model.param_dtype}, added into the float32 carry")]
 
 
 def _grpo_phases(cfg: Config, sizes: dict[str, int], grads: Item) -> list[Phase]:
@@ -438,12 +512,18 @@ def _grpo_phases(cfg: Config, sizes: dict[str, int], grads: Item) -> list[Phase]
     micro = mb // cfg.train.grad_accum
     r = rows_per_device(rows, sizes)
     new = cfg.sampling.max_new_tokens
-    rollout = _sampling_phase(cfg, sizes, rows, s - new, new, "rollout")
+    shared = g.prompts_per_step % math.prod(sizes[a] for a in BATCH_AXES) == 0  # stages/grpo.py rollout
+    prompts, samples = (g.prompts_per_step, g.group_size) if shared else (rows, 1)
+    rollout = _sampling_phase(cfg, sizes, prompts, samples, s - new, new, "rollout")
     passes = "pi_old and pi_ref, one after the other" if g.beta > 0 else "pi_old"
-    logprob = Phase(f"log-prob pass ({passes}; all {rows} sequences at once, {r} per device)",
-                    (Item("attention mask", r * s * s, f"[{r}, {s}, {s}] bool"),
-                     *_layer_buffers(m, sizes, rows, s, backward=False),
-                     _logits(m, sizes, rows, s, 2, "and their log-softmax")))
+    n_pass = g.minibatches * cfg.train.grad_accum  # GRPOIteration.pass_micro
+    pass_rows = rows // n_pass
+    outputs = (2 if g.beta > 0 else 1) * r * s * 4
+    logprob = Phase(f"log-prob pass ({passes}; {n_pass} microbatches of {pass_rows} sequences, "
+                    f"{rows_per_device(pass_rows, sizes)} per device; packed by length: at most this)",
+                    (Item("log-probs", outputs, f"[{r}, {s}] float32 per pass"),
+                     *_layer_buffers(m, sizes, pass_rows, s, backward=False),
+                     _logits(m, sizes, pass_rows, s, False, "and their log-softmax")))
     arrays = Item("rollout batch arrays", 7 * r * s * 4, f"7 x [{r}, {s}] (tokens, targets, masks, log-probs)")
     update = Phase(f"update (minibatch of {mb} sequences, {rows_per_device(mb, sizes)} per device; "
                    f"{cfg.train.grad_accum} microbatches)",
@@ -452,8 +532,10 @@ def _grpo_phases(cfg: Config, sizes: dict[str, int], grads: Item) -> list[Phase]
 
 
 def _train_step_phase(cfg: Config, kind: str, sizes: dict[str, int], grads: Item, tcfg: ModelConfig | None) -> Phase:
-    """sft_step / distill_step: a scan over the grad_accum microbatches summing grads into a float32
-    carry (update.accumulate_gradients)."""
+    """sft_step / distill_step: one microbatch's forward and backward (update.accumulate_gradients:
+    at grad_accum > 1 a scan summing into a float32 carry); a logit-distillation teacher runs its
+    forward first and keeps only its final hidden state, its logits coming chunk by chunk with the
+    student's (train/distill.py)."""
     m, s, a = cfg.model, cfg.train.seq_len, cfg.train.grad_accum
     micro, rb = cfg.train.batch_size // a, rows_per_device(cfg.train.batch_size, sizes)
     items = [grads, *_accumulator(grads, cfg), Item("batch arrays", 5 * rb * s * 4, f"5 x [{rb}, {s}] int32")]
@@ -461,8 +543,11 @@ def _train_step_phase(cfg: Config, kind: str, sizes: dict[str, int], grads: Item
     items += _train_activations(cfg, sizes, micro, s, with_mtp)
     r = rows_per_device(micro, sizes)
     if tcfg is not None:
-        v = _split(tcfg.vocab_size, "act_vocab", sizes)
-        items.append(Item("teacher logits", r * s * v * 4, f"[{r}, {s}, {v}] float32, held through the student's pass"))
+        items.append(Item("teacher hidden", r * s * tcfg.d_model * _itemsize(tcfg.dtype),
+                          f"[{r}, {s}, {tcfg.d_model}] {tcfg.dtype}, held through the student's pass"))
+        # the teacher's head runs in the student's chunks, its logits beside the student's
+        items.append(dataclasses.replace(_logits(tcfg, sizes, micro, s, False, "", chunk=m.logits_chunk),
+                                         name="teacher logits"))
         items += _layer_buffers(tcfg, sizes, micro, s, backward=False, who="teacher: ")
     return Phase(f"train step (microbatch of {micro} rows x {s} tokens, {r} per device; {a} per step)", tuple(items))
 
@@ -472,9 +557,10 @@ def _training_notes(cfg: Config) -> list[str]:
     if m.remat != "full":
         notes.append(f"model.remat={m.remat}: each layer keeps more than its input for the backward pass; "
                      f"'saved layer inputs' is then only a lower bound on the saved activations")
-    if m.param_dtype == "bfloat16":
+    if m.param_dtype == "bfloat16" and not cfg.optimizer.stochastic_rounding:
         lr = cfg.optimizer.lr
-        notes.append(f"params are bfloat16 with no float32 master copy: an AdamW step (about lr = {lr:g} per "
+        notes.append(f"params are bfloat16 with no float32 master copy and round-to-nearest updates "
+                     f"(optimizer.stochastic_rounding: false): an AdamW step (about lr = {lr:g} per "
                      f"weight) is below half a bfloat16 ulp for |w| > {lr * 2**8:.1e}, so most updates round away")
     return notes
 
@@ -492,8 +578,11 @@ def _missing_paths(cfg: Config, kind: str) -> list[str]:
 _ASSUMPTIONS = (
     "shardings: the run's own (train_state_shardings / state_shardings over sharding.RULES) on an AbstractMesh",
     "activations per device from shapes; remat=full keeps each scanned block's input for the backward pass",
-    "a phase holds all its items at once: one layer's buffers of each scanned stack (dense, MoE) in a backward "
-    "pass, of the larger stack in a forward pass; bytes per element checked against XLA's CPU memory_analysis",
+    "a phase holds its ungrouped items throughout and the largest of its groups (one layer of the dense stack, "
+    "of the MoE stack, the output head's chunk, the prefill) at once; bytes per element measured with XLA's CPU "
+    "memory_analysis (bfloat16 compute, which XLA:CPU widens to float32: other backends hold less)",
+    "attention: model.attention=dense or a sequence within one model.attention_block holds [S, S] scores; longer "
+    "sequences run blockwise (splash / cuDNN counted alike), [block, block] at a time",
     f"KV cache sharded over the batch axes only; GRPO rollouts fill train.seq_len, rejection / eval sampling "
     f"assumes prompts of at most {PROMPT_TOKENS} tokens + max_new_tokens",
     "peak = persistent + the largest phase; compiler temporaries, collectives and fragmentation not counted",
@@ -528,9 +617,11 @@ def format_plan(plan: MemoryPlan, hbm_gib: float | None = None) -> str:
              "  checks passed: config sections, mesh resolution and divisibility, batch sharding",
              "  memory per device (GiB):"]
     for phase in (plan.persistent, *plan.phases):
-        lines.append(f"    {phase.name}: {phase.total / GiB:.2f}")
+        lines.append(f"    {phase.name}: {phase.total / GiB:.2f}"
+                     + (" (ungrouped items + the largest group)" if any(i.group for i in phase.items) else ""))
         for it in phase.items:
-            lines.append(f"       {it.name:48s}{_gib(it.bytes)}   {it.detail}")
+            at = f" [at one time: {it.group}]" if it.group else ""
+            lines.append(f"       {it.name:48s}{_gib(it.bytes)}   {it.detail}{at}")
     peak = plan.peak_phase
     lines.append(f"  peak estimate: persistent {plan.persistent.total / GiB:.2f}"
                  + (f" + {peak.name.split(' (')[0]} {peak.total / GiB:.2f}" if peak else "")

@@ -72,7 +72,7 @@ def test_params_and_moments_per_device_match_plain_arithmetic():
     plan = plan_memory(cfg, "grpo", devices=256)
     params_total = plain_bytes(abstract_train_state(make_context(cfg)).params)
     opt_total = plain_bytes(abstract_train_state(make_context(cfg)).opt_state)
-    assert params_total > 600e9 * 2  # bfloat16
+    assert params_total > 600e9 * 4  # float32 master params
     assert plan.item("params").bytes == pytest.approx(params_total / 256, rel=1e-3)
     assert plan.item("optimizer state").bytes == pytest.approx(opt_total / 256, rel=1e-3)
     assert plan.item("reference params").bytes == plan.item("params").bytes == plan.item("grads").bytes
@@ -80,7 +80,7 @@ def test_params_and_moments_per_device_match_plain_arithmetic():
     qwen = paper("distill_qwen2.5_7b")
     q_plan = plan_memory(qwen, "distill")
     assert q_plan.devices == 64
-    assert q_plan.item("params").bytes == pytest.approx(count_params(qwen.model).total * 2 / 64, rel=5e-3)
+    assert q_plan.item("params").bytes == pytest.approx(count_params(qwen.model).total * 4 / 64, rel=5e-3)  # float32 master
 
 
 def test_rollout_and_activation_terms_from_the_shapes():
@@ -89,8 +89,13 @@ def test_rollout_and_activation_terms_from_the_shapes():
     m, s = cfg.model, cfg.train.seq_len
     assert plan.item("KV cache").bytes == 8192 // 256 * s * 61 * (512 + 64) * 2  # MLA compressed cache, bf16
     assert plan.item("saved layer inputs", "update").bytes == 61 * (512 // 256) * s * m.d_model * 2  # remat=full
-    # float32 logits, masked logits and softmax + bfloat16 probabilities and their gradient, per score
-    assert plan.item("MoE blocks: attention scores (one layer)", "update").bytes == 2 * 128 * s * s * (12 + 2 * 2)
+    # blockwise attention: one [rows, heads, c, c] block pair at a time, float32 logits, probabilities
+    # and their gradient per element (c: the sequence in blocks of at most model.attention_block)
+    n = -(-s // m.attention_block)
+    c = -(-s // n)
+    assert c <= m.attention_block and n * c >= s
+    assert plan.item("MoE blocks: attention block scores (one layer)", "update").bytes == 2 * 128 * c * c * 12
+    assert not any("attention mask" in it.name for p in plan.phases for it in p.items)  # no [S, S] anywhere
     assert plan.total > plan.persistent.total + plan.item("KV cache").bytes
     no_kl = plan_memory(paper("r1_zero_grpo", "grpo.beta=0.0"), "grpo", devices=256)
     with pytest.raises(KeyError):
@@ -158,7 +163,8 @@ def test_logit_teacher_is_sized_from_its_checkpoint_config(tmp_path):
     teacher_total = plain_bytes(abstract_model(teacher))  # params + router biases, all split over fsdp=64
     t = plan.item("teacher params").bytes + plan.item("teacher router biases").bytes
     assert t == pytest.approx(teacher_total / 64, rel=1e-2)
-    assert plan.item("teacher logits").bytes == 1 * 32768 * 129280 * 4
+    # the teacher's head runs in the student's chunks: logits and log-softmax of one chunk at a time
+    assert plan.item("teacher logits").bytes == 2 * 1 * cfg.model.logits_chunk * 129280 * 4
     given = plan_memory(paper("distill_qwen2.5_1.5b", "distill.mode=logits", "distill.teacher=/nonexistent"),
                         "distill", teacher=CONFIGS / "models" / "deepseek_r1.yaml")
     assert given.item("teacher params") == plan.item("teacher params")
@@ -168,7 +174,8 @@ def test_check_fits_verdict():
     plan = plan_memory(paper("distill_qwen2.5_1.5b"), "distill")
     assert check_fits(plan, plan.total / GiB + 1)[0]
     ok, line = check_fits(plan, plan.total / GiB / 2)
-    assert not ok and "does NOT fit" in line and "attention scores" in line
+    largest = max((i for p in (plan.persistent, plan.peak_phase) for i in p.items), key=lambda i: i.bytes)
+    assert not ok and "does NOT fit" in line and largest.name in line
     assert line in dry_run(paper("distill_qwen2.5_1.5b"), "distill", hbm_gib=plan.total / GiB / 2)
 
 
@@ -185,16 +192,23 @@ def test_logit_teacher_from_a_run_directory(tmp_path):
     assert any(f"teacher ({tmp_path / 'teacher'}/3/config)" in s for s in plan.summary), plan.summary
     direct = plan_memory(cfg, "distill", teacher=tiny.model)
     assert plan.item("teacher params") == direct.item("teacher params")
-    assert plan.item("teacher logits").bytes == 32768 * 512 * 4  # the tiny teacher's vocabulary
+    assert plan.item("teacher logits").bytes == 2 * cfg.model.logits_chunk * 512 * 4  # the tiny teacher's vocabulary
 
 
 DENSE = ["model.mtp_depth=0", "model.n_routed_experts=0", "model.first_k_dense_replace=0"]
 
 
-@pytest.mark.parametrize("overrides", [DENSE, []], ids=["dense", "moe+mtp"])
+def _near(estimate: int, xla: int, what: str) -> None:
+    assert abs(estimate - xla) <= 0.25 * xla, f"{what}: estimate {estimate / 2**20:.1f} MiB, XLA {xla / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("overrides", [DENSE, DENSE + ["model.attention_block=256", "model.d_ff=512"], []],
+                         ids=["dense", "dense-4-blocks-wide-mlp", "moe+mtp"])
 def test_train_step_estimate_is_near_xla_memory_analysis(overrides):
-    """The activation estimate against the compiler's own account of a whole SFT step (tiny_v3, one
-    device, compiled only): within 20% of XLA's temp bytes (batch arrays are arguments, not temps)."""
+    """The train-step estimate against the compiler's own account of a whole SFT step (tiny_v3, one
+    device, compiled only): within 25% of XLA's temp bytes (batch arrays are arguments, not temps).
+    The cases put the peak in different places: blockwise attention scores (two blocks of 512), the
+    MLP and layer activations (four blocks of 256, d_ff 512), two scanned stacks and the MTP head."""
     import functools
 
     import jax.numpy as jnp
@@ -208,7 +222,73 @@ def test_train_step_estimate_is_near_xla_memory_analysis(overrides):
     ctx = make_context(cfg)
     batch = {k: jax.ShapeDtypeStruct((b, s), jnp.int32) for k in BATCH_KEYS}
     compiled = jax.jit(functools.partial(sft_step, ctx=ctx)).lower(abstract_train_state(ctx), batch, None).compile()
-    xla = compiled.memory_analysis().temp_size_in_bytes
-    (phase,) = plan_memory(cfg, "sft").phases
-    estimate = phase.total - plan_memory(cfg, "sft").item("batch arrays").bytes
-    assert abs(estimate - xla) < 0.2 * xla, (estimate / 2**20, xla / 2**20)
+    plan = plan_memory(cfg, "sft")
+    (phase,) = plan.phases
+    assert plan.item("grads").bytes == plain_bytes(abstract_train_state(ctx).params)  # grad_accum 1: one buffer
+    with pytest.raises(KeyError):
+        plan.item("microbatch grads")
+    _near(phase.total - plan.item("batch arrays").bytes, compiled.memory_analysis().temp_size_in_bytes, "train step")
+
+
+def test_grpo_rollout_and_logprob_pass_estimates_are_near_xla_memory_analysis():
+    """The GRPO plan's rollout (generate: cache in place, each prompt prefilled once for its group)
+    and log-prob pass (microbatched) against XLA's temp + output bytes of the very functions the
+    iteration compiles, on abstract inputs: within 25%. Float32 compute (XLA:CPU widens a bfloat16
+    cache to float32 around its reads, a CPU artefact the plan does not model)."""
+    import functools
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from r1jax.sampling import generate
+    from r1jax.train.grpo import PASS_KEYS, token_logprobs
+
+    prompt, new, prompts, g = 64, 1024, 2, 4
+    t = prompt + new
+    cfg = load_config(CONFIGS / "grpo_arithmetic.yaml",
+                      ["mesh.fsdp=1", f"model.max_seq_len={t}", f"train.seq_len={t}", f"sampling.max_new_tokens={new}",
+                       f"grpo.prompts_per_step={prompts}", f"grpo.group_size={g}", "grpo.minibatches=2"])
+    plan = plan_memory(cfg, "grpo")
+    rollout, logprob = plan.phases[0], plan.phases[1]
+    assert rollout.name.startswith("rollout") and logprob.name.startswith("log-prob pass")
+
+    graphdef, state = nnx.split(abstract_model(cfg.model))
+    args = (graphdef, state, jax.ShapeDtypeStruct((prompts, t), jnp.int32), jax.ShapeDtypeStruct((prompts,), jnp.int32),
+            jax.eval_shape(lambda: jax.random.key(0)))
+    s = cfg.sampling
+    ma = generate.trace(*args, max_new_tokens=new, eos_id=1, temperature=s.temperature, top_p=s.top_p,
+                        samples_per_prompt=g).lower().compile().memory_analysis()
+    _near(rollout.total, ma.temp_size_in_bytes + ma.output_size_in_bytes, "rollout")
+
+    ctx = make_context(cfg)
+    st = abstract_train_state(ctx)
+    rows = {k: jax.ShapeDtypeStruct((prompts * g, t), jnp.int32) for k in PASS_KEYS}
+    micro = cfg.grpo.minibatches * cfg.train.grad_accum  # GRPOIteration.pass_micro
+    ma = (jax.jit(functools.partial(token_logprobs, ctx=ctx, micro=micro)).lower(st.params, st.router_bias, rows)
+          .compile().memory_analysis())
+    _near(logprob.total, ma.temp_size_in_bytes + ma.output_size_in_bytes, "log-prob pass")
+
+
+LONG = CONFIGS / "long"
+
+
+@pytest.mark.parametrize("path,kind", [(LONG / "qwen2.5-1.5b_sft_32k.yaml", "sft"),
+                                       (LONG / "qwen2.5-1.5b_grpo_8k.yaml", "grpo"),
+                                       (LONG / "v2_lite_sft_8k.yaml", "sft"),
+                                       (PAPER / "distill_qwen2.5_1.5b.yaml", "distill"),
+                                       (PAPER / "distill_qwen2.5_7b.yaml", "distill"),
+                                       (PAPER / "distill_llama3.1_8b.yaml", "distill")], ids=lambda x: getattr(x, "stem", x))
+def test_long_sequences_fit_one_h200(path, kind):
+    """The issue's targets at 141 GiB: a 1.5B dense model's SFT at 32k tokens and GRPO with 16 x 16
+    rollouts of 8k new tokens, a V2-Lite-shaped MoE's SFT at 8k (bfloat16 params with stochastic
+    rounding), all on ONE device; the paper distillation configs on their own mesh."""
+    cfg = load_config(path)
+    plan = plan_memory(cfg, kind)
+    if path.parent == LONG:
+        assert plan.devices == 1
+    if "v2_lite" in path.stem:
+        assert cfg.model.n_routed_experts == 64 and cfg.optimizer.stochastic_rounding
+    else:
+        assert cfg.model.param_dtype == "float32" and cfg.model.dtype == "bfloat16"  # float32 master params
+    ok, line = check_fits(plan, 141)
+    assert ok, line
