@@ -2,7 +2,7 @@
 """One GRPO iteration of r1jax next to TRL's `GRPOTrainer`, same tiny Qwen2 weights, same run.
 
     /tmp/bvenv/bin/python benchmarks/grpo_trl.py [--prompts 8] [--group 8] [--prompt-len 16] [--new 64]
-        [--d-model 256] [--layers 4] [--vocab 1024] [--reps 3] [--grad-accum 1] [--beta 0]
+        [--d-model 256] [--layers 4] [--vocab 1024] [--reps 5] [--grad-accum 1] [--beta 0]
         [--lr 1e-6] [--torch-threads 0]
 
 A random HF Qwen2ForCausalLM (benchmarks/sampler.py's `hf_model`) is saved with `save_pretrained`
@@ -20,16 +20,18 @@ each iteration does the same sampling work.
 
 - r1jax: `r1jax.stages.grpo.GRPOIteration` (what `r1jax grpo` runs each iteration: in-graph
   rollout, host scoring, advantages, the pi_old log-prob pass, the update), one minibatch, one
-  inner epoch, train.grad_accum --grad-accum. The generation share is the rollout's time
-  (`sampled_tokens / sampling_tokens_per_s` of its metrics) over the iteration's.
+  inner epoch, train.grad_accum --grad-accum. Each of the iteration's parts (`rollout`, `score`,
+  `advantages_and_masks`, `logprob_passes`, `updates`) is timed by wrapping the bound method; the
+  log-prob pass is waited for (`block_until_ready`) so that its time is not charged to the updates.
 - TRL: `GRPOTrainer` on torch CPU, float32 (bf16 / fp16 off), no vLLM, gradient checkpointing off
   (TRL's default is on), num_iterations 1, per_device_train_batch_size = prompts x group /
   --grad-accum and gradient_accumulation_steps --grad-accum, so steps_per_generation = grad_accum
   and one optimizer step consumes exactly one generation batch of prompts x group completions.
   Its time per iteration is on_step_begin -> on_step_end of a TrainerCallback (generation,
   scoring, loss, backward and the optimizer step; the trainer's logging afterwards is outside);
-  its generation share is the time inside `GRPOTrainer._generate_single_turn` (timed by wrapping
-  the bound method).
+  its parts are the times inside `_generate_single_turn` (generation), `_calculate_rewards` and
+  `_generate_and_score_completions` (generation, rewards, advantages), timed by wrapping the bound
+  methods; the rest of the step is the loss forward, backward and the optimizer step.
 
 Work that differs by design: with num_iterations 1 TRL skips the pi_old forward pass (the ratio is
 1 by construction), while r1jax runs it (it also reports the sampler/trainer log-prob mismatch).
@@ -37,8 +39,9 @@ Work that differs by design: with num_iterations 1 TRL skips the pi_old forward 
 The two take turns: the callback runs one r1jax iteration after each TRL optimizer step, outside
 TRL's timed window. The first iteration of each is a warm-up (r1jax compiles there) and is
 dropped; times are medians of the --reps that follow. tokens/s = generated tokens / iteration
-time. Needs the `bench` extra (torch, transformers, trl, accelerate, datasets). Prints a markdown
-table with the command, versions and machine.
+time. Needs the `bench` extra (`pip install -e .[bench]`: torch, transformers, trl, accelerate,
+datasets). Prints markdown tables (whole iteration, then per part) with the command, versions and
+machine.
 """
 
 from __future__ import annotations
@@ -126,8 +129,8 @@ def r1jax_setup(hf_dir: str, args) -> tuple[GRPOIteration, object, dict, object]
     grpo_state = grpo_wrap(args.beta)(ts, lambda tree: jax.tree.map(lambda x: x.copy(), tree))
     tok = IdTokenizer(mcfg.vocab_size)
     prompts = fixed_prompts(args.prompts, args.prompt_len, mcfg.vocab_size)
-    # PromptStream's layout: each prompt repeated G times (groups contiguous), right-padded to seq_len.
-    tokens, lengths = pad_prompts([p for p in prompts for _ in range(args.group)], total, tok.pad_id)
+    # PromptStream's layout: each prompt once, right-padded to seq_len (the rollout samples each G times).
+    tokens, lengths = pad_prompts(list(prompts), total, tok.pad_id)
     batch = {"records": [{"id": f"p{i}"} for i in range(args.prompts)], "tokens": tokens, "lengths": lengths}
     return GRPOIteration(cfg, ctx, mesh, tok, r1jax_reward), grpo_state, batch, mesh
 
@@ -205,21 +208,51 @@ def step_timer(r1jax_turn):
     return StepTimer()
 
 
-def wrap_generation(trainer) -> dict:
-    """Time every `_generate_single_turn` of `trainer` and count its completion tokens:
-    returns {"seconds": [...], "tokens": [...]}, one entry per call."""
-    log = {"seconds": [], "tokens": []}
-    inner = trainer._generate_single_turn
+def time_method(obj, name: str, log: dict, sync: bool = False) -> None:
+    """Replace obj.name (a bound method) by one that appends each call's seconds to log[name];
+    with `sync`, the time includes finishing the jax computations it returns."""
+    inner = getattr(obj, name)
+    log[name] = []
 
     def timed(*a, **k):
         t0 = time.perf_counter()
         out = inner(*a, **k)
-        log["seconds"].append(time.perf_counter() - t0)
-        log["tokens"].append(sum(len(c) for c in out[0]))
+        if sync:
+            jax.block_until_ready(out)
+        log[name].append(time.perf_counter() - t0)
         return out
 
-    trainer._generate_single_turn = timed
-    return log
+    setattr(obj, name, timed)
+
+
+R1JAX_PARTS = ("rollout", "score", "advantages_and_masks", "logprob_passes", "updates")
+TRL_PARTS = ("_generate_single_turn", "_calculate_rewards", "_generate_and_score_completions")
+
+
+def part_rows(jx: dict, trl: dict) -> list[tuple[str, float | None, float | None]]:
+    """(part, r1jax seconds, TRL seconds) per iteration part, medians after the warm-up; None where
+    a framework has no such part. TRL's "advantages and other preparation" is the rest of
+    `_generate_and_score_completions` (tokenizing, padding, advantages, metrics), and its update the
+    rest of the step (the loss forward, backward and AdamW)."""
+    def med(xs):
+        return statistics.median(xs[1:])
+
+    def per_it(log, name):
+        return log["parts"][name]
+
+    j, t = jx, trl
+    t_gen, t_rew = per_it(t, "_generate_single_turn"), per_it(t, "_calculate_rewards")
+    t_prep = per_it(t, "_generate_and_score_completions")
+    t_other = [p - g - r for p, g, r in zip(t_prep, t_gen, t_rew)]
+    t_update = [s - p for s, p in zip(t["seconds"], t_prep)]
+    j_parts = {k: per_it(j, k) for k in R1JAX_PARTS}
+    j_rest = [s - sum(j_parts[k][i] for k in R1JAX_PARTS) for i, s in enumerate(j["seconds"])]
+    return [("generation (rollout)", med(j_parts["rollout"]), med(t_gen)),
+            ("rewards", med(j_parts["score"]), med(t_rew)),
+            ("advantages and other preparation", med(j_parts["advantages_and_masks"]) + med(j_rest), med(t_other)),
+            ("pi_old log-prob pass", med(j_parts["logprob_passes"]), None),
+            ("loss, backward, optimizer step", med(j_parts["updates"]), med(t_update)),
+            ("whole iteration", med(j["seconds"]), med(t["seconds"]))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +267,9 @@ def run(args) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         model.save_pretrained(tmp + "/hf")
         iteration, state, batch, mesh = r1jax_setup(tmp + "/hf", args)
-        jx = {"seconds": [], "gen_seconds": [], "tokens": [], "reward_std": []}
+        jx = {"seconds": [], "tokens": [], "reward_std": [], "parts": {}}
+        for name in R1JAX_PARTS:
+            time_method(iteration, name, jx["parts"], sync=name == "logprob_passes")
         holder = {"state": state}
 
         def r1jax_turn():
@@ -244,28 +279,39 @@ def run(args) -> dict:
                 jax.block_until_ready(new_state)
                 jx["seconds"].append(time.perf_counter() - t0)
             holder["state"] = new_state
-            jx["gen_seconds"].append(m["sampled_tokens"] / m["sampling_tokens_per_s"])
             jx["tokens"].append(m["sampled_tokens"])
             jx["reward_std"].append(m["reward_std_in_group"])
-            print(f"  r1jax iteration {len(jx['seconds'])}: {jx['seconds'][-1]:.2f} s, reward {m['reward']:.3f}",
-                  flush=True)
+            print(f"  r1jax iteration {len(jx['seconds'])}: {jx['seconds'][-1]:.2f} s, reward {m['reward']:.3f}, "
+                  f"in-group std {m['reward_std_in_group']:.3f}, updates {m['updates']:.0f}", flush=True)
 
         timer, reward_std = step_timer(r1jax_turn), []
         trainer = trl_trainer(model, args, tmp + "/trl", timer, reward_std)
-        gen = wrap_generation(trainer)
+        trl = {"parts": {}, "reward_std": reward_std}
+        for name in TRL_PARTS:
+            time_method(trainer, name, trl["parts"])
+        tokens = trl["tokens"] = []
+        gen = trainer._generate_single_turn
+
+        def counted(*a, **k):
+            out = gen(*a, **k)
+            tokens.append(sum(len(c) for c in out[0]))
+            return out
+
+        trainer._generate_single_turn = counted
         trainer.train()
-    return {"n_params": n_params, "r1jax": jx,
-            "trl": {"seconds": timer.seconds, "gen_seconds": gen["seconds"], "tokens": gen["tokens"],
-                    "reward_std": reward_std}}
+        trl["seconds"] = timer.seconds
+    return {"n_params": n_params, "r1jax": jx, "trl": trl}
 
 
 def summary(side: dict) -> dict:
     """Medians over the iterations after the first (warm-up)."""
-    s, g, t = side["seconds"][1:], side["gen_seconds"][1:], side["tokens"][1:]
+    s, t = side["seconds"][1:], side["tokens"][1:]
     sec = statistics.median(s)
+    gen_name = "rollout" if "rollout" in side["parts"] else "_generate_single_turn"
+    g = side["parts"][gen_name][1:]
     return {"seconds": sec, "tokens": statistics.median(t), "tok_s": statistics.median(t) / sec,
             "gen_share": statistics.median(gi / si for gi, si in zip(g, s)),
-            "first": side["seconds"][0]}
+            "first": side["seconds"][0], "all": side["seconds"]}
 
 
 def main() -> None:
@@ -278,7 +324,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--init-std", type=float, default=0.05)
-    p.add_argument("--reps", type=int, default=3, help="timed iterations after the warm-up one")
+    p.add_argument("--reps", type=int, default=5, help="timed iterations after the warm-up one")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (both sides)")
     p.add_argument("--lr", type=float, default=1e-6)
@@ -308,12 +354,20 @@ def main() -> None:
           f"samples of {args.prompt_len} + {args.new} tokens; reward even_share (mean in-group std "
           f"r1jax {np.mean(res['r1jax']['reward_std']):.3f}, TRL {np.mean(res['trl']['reward_std']):.3f}); "
           f"beta {args.beta}; one optimizer step per iteration; median of {args.reps} after a warm-up iteration.\n")
-    print("| framework | first iteration (compile/warm-up) | iteration | generated tokens | tokens/s | generation share |")
+    print("| framework | first iteration (compile/warm-up) | iteration (median) | generated tokens | tokens/s | "
+          "generation share |")
     print("|---|---|---|---|---|---|")
     for name, r in (("r1jax GRPOIteration", j), ("TRL GRPOTrainer", t)):
         print(f"| {name} | {r['first']:.2f} s | {r['seconds']:.2f} s | {r['tokens']:,.0f} | {r['tok_s']:,.0f} | "
               f"{r['gen_share']:.0%} |")
-    print(f"\nr1jax / TRL tokens/s: {j['tok_s'] / t['tok_s']:.2f}x")
+    print("\n| part (median seconds) | r1jax | TRL | TRL / r1jax |")
+    print("|---|---|---|---|")
+    for part, a, b in part_rows(res["r1jax"], res["trl"]):
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        ratio = f"{b / a:.2f}x" if a and b is not None else "-"
+        print(f"| {part} | {fmt(a)} | {fmt(b)} | {ratio} |")
+    print(f"\nr1jax / TRL tokens/s: {j['tok_s'] / t['tok_s']:.2f}x; every iteration (s), warm-up first: r1jax "
+          + ", ".join(f"{x:.2f}" for x in j["all"]) + "; TRL " + ", ".join(f"{x:.2f}" for x in t["all"]))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@
 For each model a random HF model is built, saved with `save_pretrained` and loaded by
 r1jax.convert, so both frameworks run the same float32 weights. Per batch size, both generate
 greedily (no eos: every row runs to --new) after a warm-up call (r1jax compiles there). Times are
-medians of --reps, the two frameworks taking turns: `prefill` is generate with 1 new token, and decode tokens/s is
+medians of --reps, the two frameworks taking turns: `prefill` is generate with 1 new token (r1jax:
+a buffer of prompt + 1 positions, so both prefill exactly the prompt), and decode tokens/s is
 batch * (new - 1) / (time(new) - time(1)). The first --check tokens of every row are compared as
 a sanity check. On a GPU the decode rate is also given as a fraction of the HBM-bandwidth bound
 (parameters read once per step + the KV cache at the mean context length, / --hbm-gbps). Needs the
-`reference` extra (torch + transformers). Prints a markdown table.
+`bench` extra (`pip install -e .[bench]`; torch + transformers). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -83,14 +84,15 @@ def timed(runs: dict, lengths: tuple[int, ...], reps: int) -> tuple[dict, dict]:
     return {key: statistics.median(v) for key, v in times.items()}, tokens
 
 
-def r1jax_runner(graphdef, state, prompts: np.ndarray, n_new: int):
-    """fn(k) -> new tokens [B, k] of r1jax greedy generate, buffer sized for n_new (k <= n_new)."""
+def r1jax_runner(graphdef, state, prompts: np.ndarray):
+    """fn(k) -> new tokens [B, k] of r1jax greedy generate in a buffer of prompt + k positions, so
+    that its prefill covers the prompt only (`generate` prefills the first T - k positions), as HF's."""
     b, p = prompts.shape
-    buf = np.zeros((b, p + n_new), np.int32)
-    buf[:, :p] = prompts
     lens = np.full((b,), p, np.int32)
 
     def run(k):
+        buf = np.zeros((b, p + k), np.int32)
+        buf[:, :p] = prompts
         out = generate(graphdef, state, buf, lens, jax.random.key(0), max_new_tokens=k, eos_id=-1)
         return np.asarray(jax.block_until_ready(out["tokens"]))[:, p:p + k]
 
@@ -151,7 +153,7 @@ def bench(kind: str, args, tmp: str) -> list[dict]:
     rows = []
     for b in args.batch:
         prompts = np.random.default_rng(b).integers(1, args.vocab, (b, args.prompt)).astype(np.int32)
-        runs = {"r1jax": r1jax_runner(graphdef, state, prompts, args.new), "hf": hf_runner(model, prompts)}
+        runs = {"r1jax": r1jax_runner(graphdef, state, prompts), "hf": hf_runner(model, prompts)}
         for run in runs.values():
             run(1), run(args.new)  # warm-up (compilation for r1jax)
         med, toks = timed(runs, (1, args.new), args.reps)

@@ -957,6 +957,8 @@ def _validate(cfg, origins, prefix):
             _fail(origins, f"mesh.{key}", msg)
         for key, msg in mesh_model_errors(cfg.mesh, cfg.model):
             _fail(origins, key, msg)
+        for key, msg in cfg.optimizer.model_errors(cfg.model):
+            _fail(origins, f"optimizer.{key}", msg)
         for section in ("train", "optimizer", "data", "checkpoint", "distributed", "grpo", "sampling", "eval",
                         "rejection", "distill"):
             for key, msg in getattr(cfg, section).errors():

@@ -81,7 +81,8 @@ class SamplerState:
     tokens: jax.Array  # [N, T] int32: prompts, then each row's continuation after its own prompt
     lengths: jax.Array  # [N] int32: filled positions per row
     done: jax.Array  # [N] bool: the row hit a stop token or its buffer's end
-    logits: jax.Array  # [N, V] float32: the next-token logits of each row
+    feed: jax.Array  # [N] int32: the token the next decode step feeds in (each row's last one; 0 when done)
+    feed_pos: jax.Array  # [N] int32: its cache slot (0 for a finished row: slot 0 of its own cache, never read)
     cache: dict  # the model's KV cache (Transformer.init_cache), updated in place
     logprobs: jax.Array  # [N, max_new_tokens] float32: log pi of each generated token
     key: jax.Array  # the sampling key
@@ -115,9 +116,10 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, length
     padded past the tokenizer's (e.g. for sharding), and those rows' logits are not text.
     top_p_width: see `filter_logits`.
 
-    The decode loop updates the cache and the token buffer in place (one position per row and
-    step) and each step's attention reads the cache only up to the longest live row, in blocks of
-    model.attention_block positions.
+    The first new token comes from the prefill's logits, so k new tokens take k - 1 decode steps
+    (none for k = 1). The decode loop updates the cache and the token buffer in place (one
+    position per row and step) and each step's attention reads the cache only up to the longest
+    live row, in blocks of model.attention_block positions.
 
     Returns {"tokens" [N, T], "lengths" [N], "logprobs" [N, max_new_tokens] (0 past a row's end),
     "num_new" [N]}.
@@ -139,17 +141,19 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, length
     def cond(s: SamplerState):
         return (s.i < max_new_tokens) & ~jnp.all(s.done)
 
-    def body(s: SamplerState) -> SamplerState:
+    def emit(s: SamplerState, logits: jax.Array) -> SamplerState:
+        """Pick each live row's next token from its logits [N, V], write it and its log pi, and
+        hand it to the next decode step."""
         key, sub = jax.random.split(s.key)
-        allowed = s.logits
-        if 0 < vocab_limit < s.logits.shape[-1]:
-            allowed = jnp.where(jnp.arange(s.logits.shape[-1]) < vocab_limit, s.logits, -jnp.inf)
+        allowed = logits
+        if 0 < vocab_limit < logits.shape[-1]:
+            allowed = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
         if temperature == 0.0:
             nxt = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
         else:
             filtered = filter_logits(allowed, temperature, top_k, top_p, top_p_width)
             nxt = jax.random.categorical(sub, filtered).astype(jnp.int32)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits.astype(jnp.float32)), nxt[:, None], -1)[:, 0]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), nxt[:, None], -1)[:, 0]
         live = ~s.done & (s.lengths < t)
         nxt = jnp.where(live, nxt, 0)
         # A live row's new token goes to its slot `lengths`; a finished row writes slot 0 of its own
@@ -161,13 +165,21 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, length
         logps = s.logprobs.at[:, s.i].set(jnp.where(live, logp, 0.0))
         done = s.done | (live & jnp.isin(nxt, stops)) | (s.lengths + 1 >= t)
         lens = jnp.where(live, s.lengths + 1, s.lengths)
-        logits, cache = model.decode_step(nxt, pos, s.cache)
-        return SamplerState(i=s.i + 1, tokens=toks, lengths=lens, done=done, logits=logits, cache=cache,
-                            logprobs=logps, key=key)
+        return s.replace(i=s.i + 1, tokens=toks, lengths=lens, done=done, feed=nxt, feed_pos=pos, logprobs=logps,
+                         key=key)
 
-    init = SamplerState(i=jnp.int32(0), tokens=tokens, lengths=lengths, done=jnp.zeros((n,), bool), logits=logits,
-                        cache=cache, logprobs=jnp.zeros((n, max_new_tokens), jnp.float32), key=rng)
+    def body(s: SamplerState) -> SamplerState:
+        logits, cache = model.decode_step(s.feed, s.feed_pos, s.cache)
+        return emit(s.replace(cache=cache), logits)
+
+    zeros = jnp.zeros((n,), jnp.int32)
+    state = SamplerState(i=jnp.int32(0), tokens=tokens, lengths=lengths, done=jnp.zeros((n,), bool), feed=zeros,
+                         feed_pos=zeros, cache=cache, logprobs=jnp.zeros((n, max_new_tokens), jnp.float32), key=rng)
+    if max_new_tokens > 0:
+        # The first new token comes from the prefill's logits; each loop step then decodes the last
+        # token and picks the next, so no step decodes a token whose logits go unused.
+        state = emit(state, logits)
     with jax.named_scope("decode"):
-        final = jax.lax.while_loop(cond, body, init)
+        final = jax.lax.while_loop(cond, body, state)
     return {"tokens": final.tokens, "lengths": final.lengths, "logprobs": final.logprobs,
             "num_new": final.lengths - lengths}

@@ -49,9 +49,12 @@ RELEASED = {
 @pytest.mark.parametrize("preset", sorted(RELEASED))
 def test_released_config_maps_to_preset(preset):
     ours = load_config(CONFIGS / "models" / f"{preset}.yaml").model
-    assert model_config_from_hf(RELEASED[preset]) == ours
+    # the released bfloat16 weights; the presets train them as float32 master params, bfloat16 compute
+    assert model_config_from_hf(RELEASED[preset]).param_dtype == "bfloat16"
+    assert (ours.param_dtype, ours.dtype) == ("float32", "bfloat16")
+    assert model_config_from_hf(RELEASED[preset], param_dtype="float32", dtype="bfloat16") == ours
     # and our exported config.json maps back to the same model
-    assert model_config_from_hf(hf_config_from_model(ours)) == ours
+    assert model_config_from_hf(hf_config_from_model(ours), dtype="bfloat16") == ours
 
 
 def test_unsupported_hf_configs_fail_clearly():

@@ -11,7 +11,6 @@ from flax import nnx
 from conftest import CONFIGS
 from r1jax.config import load_config
 from r1jax.models import forward, init_model
-from r1jax.models.attention import attention_mask
 from r1jax.models.layers import rope_cos_sin
 
 fwd = jax.jit(forward, static_argnums=0, static_argnames=("with_mtp", "return_hidden"))
@@ -80,7 +79,7 @@ def test_mtp_matches_its_definition():
         x = jnp.concatenate([module.enorm(emb), module.hnorm(hidden)], -1) @ module.eh_proj.get_value()
         cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(10), (2, 10)), cfg)
         seg = jnp.ones((2, 10), jnp.int32)
-        h, _ = module.block(x, {"cos": cos, "sin": sin, "mask": attention_mask(seg), "token_mask": seg != 0})
+        h, _ = module.block(x, {"cos": cos, "sin": sin, "segment_ids": seg, "token_mask": seg != 0})
         return module.norm(h) @ model.lm_head.get_value()
 
     expect = by_definition(state, tokens, aux["hidden"])

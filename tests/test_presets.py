@@ -65,4 +65,4 @@ def test_summary_prints_counts_shapes_and_memory():
     assert "671.03B total" in text and "moe_blocks/mlp/w_gate" in text and "(58, 256, 7168, 2048)" in text
     line = next(x for x in text.splitlines() if "params" in x and "GiB" in x)
     per_device = float(line.split("params ")[1].split(" GiB")[0])
-    assert abs(per_device - (671.03e9 + 11.61e9) * 2 / 256 / 2**30) < 0.02  # bf16, MTP included
+    assert abs(per_device - (671.03e9 + 11.61e9) * 4 / 256 / 2**30) < 0.02  # float32, MTP included

@@ -94,10 +94,11 @@ def decay_mask(params: nnx.State, opt: OptimizerConfig) -> nnx.State:
 def global_norm(tree) -> jax.Array:
     """sqrt(sum of squares of every element of `tree`), float32 scalar.
 
-    Each leaf is contracted with itself over all its axes (a dot_general accumulating in float32):
-    no squared copy of the gradients is materialised (XLA:CPU keeps the x * x feeding a reduction
-    as a grads-sized temporary), and a sharded leaf is summed where it lies (partial sums, then one
-    all-reduce), never reshaped."""
+    Each leaf is contracted with itself over all its axes (a dot_general accumulating in float32),
+    so bfloat16 gradients are summed in float32 without a float32 copy of them (optax.global_norm
+    squares and sums in the leaf dtype and returns a bfloat16 norm), and a sharded leaf is summed
+    where it lies (partial sums, then one all-reduce), never reshaped. Checked against a float64
+    sum in tests/test_precision.py."""
     def sq(x):
         axes = tuple(range(x.ndim))
         return jax.lax.dot_general(x, x, ((axes, axes), ((), ())), preferred_element_type=jnp.float32)
@@ -107,12 +108,12 @@ def global_norm(tree) -> jax.Array:
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """optax.clip_by_global_norm's rule: g -> g * max_norm / ||g|| when ||g|| > max_norm (||.||:
-    global_norm), applied as one float32 scalar factor times each leaf, the result float32.
+    global_norm), applied as one float32 scalar factor times each leaf, the result float32 (optax
+    returns the grads' dtype: bfloat16 gradients would be clipped and rounded to bfloat16 again).
 
-    A multiply by a scalar is cheap enough for XLA to repeat inside each consumer (Adam's mu and nu
-    updates); optax's per-element g / ||g|| * max_norm is not, so XLA:CPU materialised the clipped
-    gradients as a second grads-sized buffer (measured, tests/test_precision.py). Same state as
-    optax's (EmptyState)."""
+    The factor fuses into each consumer (Adam's mu and nu updates): the compiled SFT step holds no
+    clipped copy of the gradients (its temp bytes stay below one grads-sized buffer,
+    tests/test_precision.py). Same state as optax's (EmptyState)."""
     def update(updates, state, params=None):
         del params
         norm = global_norm(updates)
