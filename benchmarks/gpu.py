@@ -83,6 +83,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from grpo_trl import IdTokenizer, r1jax_reward  # noqa: E402  (benchmarks/grpo_trl.py: the same tokenizer and reward)
 from sampler import decode_bytes_per_step  # noqa: E402  (benchmarks/sampler.py)
 
 from r1jax.config import Config, load_config  # noqa: E402
@@ -305,28 +306,6 @@ def decode_section(size: Size, args, pk: Peaks) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-class IdTokenizer:
-    """What GRPOIteration asks of a tokenizer, over bare ids: decode writes the ids as decimal words.
-    The last id of the model's vocabulary is eos (and pad), never sampled (vocab_limit)."""
-
-    def __init__(self, model_vocab: int):
-        self.vocab_size = model_vocab - 1
-        self.eos_id = self.pad_id = model_vocab - 1
-
-    def decode(self, ids, *, skip_special: bool = False) -> str:
-        return " ".join(str(i) for i in ids if not (skip_special and i == self.eos_id))
-
-
-def even_share(texts: list[str], records: list[dict]) -> dict:
-    """GRPOIteration's reward_fn: the share of even ids in each completion (0 for an empty one)."""
-    def one(text):
-        ids = [int(w) for w in text.split()]
-        return sum(i % 2 == 0 for i in ids) / len(ids) if ids else 0.0
-
-    total = np.asarray([one(t) for t in texts], np.float32)
-    return {"total": total, "even_share": total}
-
-
 def time_parts(obj, names: tuple[str, ...], log: dict) -> None:
     """Replace each bound method obj.name by one that appends its seconds to log[name], waiting for
     the arrays it returns (in the fields of a returned dataclass too)."""
@@ -367,7 +346,7 @@ def grpo_section(size: Size, args, pk: Peaks) -> list[dict]:
     with jax.set_mesh(mesh):
         state = grpo_wrap(g.beta)(init_train_state(ctx, jax.random.key(0), mesh),
                                   functools.partial(jax.tree.map, jnp.copy))
-        iteration = GRPOIteration(cfg, ctx, mesh, tok, even_share)
+        iteration = GRPOIteration(cfg, ctx, mesh, tok, r1jax_reward)
         time_parts(iteration, GRPO_PARTS, parts)
         for _ in range(reps + 1):
             t0 = time.perf_counter()
