@@ -34,7 +34,9 @@ def _ensure_env(extras: str) -> None:
         return
     print(f"[dev] installing r1jax[{extras}] into {VENV}", flush=True)
     spec = f".[{extras}]" if extras else "."
-    subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", spec], cwd=ROOT, check=True)
+    # --no-compile: byte-compiling every installed module takes longer than the install itself;
+    # Python compiles the modules it imports on first use.
+    subprocess.run([str(PY), "-m", "pip", "install", "-q", "--no-compile", "-e", spec], cwd=ROOT, check=True)
     stamp.write_text(digest)
 
 

@@ -7,8 +7,12 @@ from pathlib import Path
 
 
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a test process (this one, or a subprocess) with `devices` fake CPU devices."""
-    return f"--xla_force_host_platform_device_count={devices}"
+    """XLA_FLAGS for a test process (this one, or a subprocess) with `devices` fake CPU devices.
+
+    LLVM's optimisation of the generated CPU code is off: it is half of XLA:CPU's compile time, and
+    compiling, not running, is what the tiny test programs spend their time on. The HLO passes
+    (fusion, SPMD partitioning, buffer assignment: what the memory and HLO tests measure) still run."""
+    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
 
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
