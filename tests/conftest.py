@@ -47,17 +47,3 @@ def private_tmp(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", root)
     monkeypatch.setenv("TMPDIR", root)
     return root
-
-
-# Seconds each file took in a cold run on the 2-core VM (2026-12-02, two workers), the longest first.
-# Only the order matters: pytest-xdist's --dist loadfile hands out whole files in collection order, so
-# the long ones start at once and the short ones fill in behind them, instead of one worker running a
-# long file alone at the end. A file not listed runs after these, in the usual order.
-FILE_SECONDS = {"test_sft_runs": 150, "test_pipeline": 150, "test_sft": 100, "test_grpo_runs": 95,
-                "test_sampling": 85, "test_dryrun": 70, "test_attention_impl": 65, "test_checkpoint": 50,
-                "test_sharding": 45, "test_distill": 45, "test_cli": 40, "test_grpo": 40, "test_model": 40,
-                "test_precision": 35, "test_chunked_logprobs": 35, "test_reward_limits": 35}
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.stem, 0))

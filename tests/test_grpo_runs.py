@@ -55,7 +55,6 @@ def learning_run(tmp_path_factory):
     return cfg, run, run_grpo(cfg, reward_fn=digit_share)
 
 
-@pytest.mark.slow  # a whole 10-step GRPO run (the module fixture)
 def test_policy_moves_toward_higher_reward(learning_run):
     _, _, out = learning_run
     rewards = [h["reward"] for h in out.history]
@@ -85,7 +84,6 @@ def test_checkpoint_holds_the_reference_and_moe_biases_moved(learning_run):
     assert sorted(int(p.name) for p in run.iterdir() if p.name.isdigit()) == [5, 10]
 
 
-@pytest.mark.slow  # a second GRPO run, resumed
 def test_resume_after_a_crash_reproduces_the_run(learning_run, tmp_path):
     cfg, run, out = learning_run
     copy = tmp_path / "run"
