@@ -101,6 +101,16 @@ class ModelConfig:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     moe_impl: Literal["auto", "ragged_dot", "tiled"] = "auto"  # grouped matmul (see models/gmm.py)
+    # expert-parallel dispatch (models/moe.py): all-gather the expert group's tokens, or send each
+    # (token, choice) row to its expert's shard with a ragged all-to-all (models/dispatch.py);
+    # auto: all_to_all when the expert axis that shards the tokens is larger than num_experts_per_tok
+    moe_dispatch: Literal["auto", "all_to_all", "gather"] = "auto"
+    # all-to-all receive buffer per round, as a multiple of the rows a shard routes (tokens x k);
+    # rows beyond it go in further rounds (nothing is dropped)
+    moe_capacity: float = 2.0
+    # all-to-all: a device's tokens per dispatch (0: all at once); longer inputs go in chunks of at
+    # most this many tokens, one after another, so the dispatch buffers follow the chunk
+    moe_chunk: int = 0
     # multi-token prediction (DeepSeek-V3 section 2.2)
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
@@ -186,6 +196,10 @@ class ModelConfig:
                 out.append(("num_experts_per_tok", f"must be in 1..n_routed_experts={e}, got {self.num_experts_per_tok}"))
             if self.moe_d_ff <= 0:
                 out.append(("moe_d_ff", f"must be > 0 for an MoE model, got {self.moe_d_ff}"))
+            if self.moe_capacity <= 0:
+                out.append(("moe_capacity", f"must be > 0, got {self.moe_capacity}"))
+            if self.moe_chunk < 0:
+                out.append(("moe_chunk", f"must be >= 0 (0: no chunks), got {self.moe_chunk}"))
             if g <= 0 or e % g:
                 out.append(("n_group", f"{g} does not divide n_routed_experts={e}"))
             elif self.topk_group <= 0 or self.topk_group > g:
@@ -494,6 +508,9 @@ class SamplingConfig:
     top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
     top_k: int = 0  # 0: no top-k cut
     max_new_tokens: int = 256
+    # reshard the params once per rollout into the decode layout (sharding.DECODE_RULES: no FSDP
+    # split of d_model, so no weight all-gather per generated token), sample, drop the copy
+    decode_layout: bool = True
 
     def errors(self) -> list[tuple[str, str]]:
         out = []

@@ -43,8 +43,10 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from r1jax.config import Config, ConfigError, ModelConfig, build, load_config, mesh_model_errors
+from r1jax.models.dispatch import window_rows
+from r1jax.models.moe import dispatch_path, token_chunks
 from r1jax.models.transformer import abstract_model
-from r1jax.sharding import BATCH_AXES, MESH_AXES, bytes_per_device, logical_to_spec
+from r1jax.sharding import BATCH_AXES, MESH_AXES, bytes_per_device, logical_to_spec, use_layout
 from r1jax.stages.registry import STAGES
 
 GiB = 2**30
@@ -328,21 +330,42 @@ def _layer_buffers(m: ModelConfig, sizes: dict[str, int], rows: int, length: int
 
 
 def _moe_buffers(m: ModelConfig, sizes: dict[str, int], rows: int, length: int, backward: bool) -> Item:
-    """What models.moe.routed_experts(_sharded) materialises for one layer: the tokens all-gathered
-    over the expert axes that also shard the batch, then every (token, choice) row of them, local
-    expert or not: sorted inputs, gate / up / product hidden, float32 outputs before and after unsorting."""
+    """What models.moe.routed_experts_sharded materialises for one layer, by its dispatch path.
+
+    gather: the tokens all-gathered over the expert axes that also shard the batch, then every
+    (token, choice) row of them, local expert or not: sorted inputs, gate / up / product hidden,
+    float32 outputs before and after unsorting. all_to_all (models/dispatch.py): the device's own
+    rows sorted, their outputs and float32 combine; one round's window of moe_capacity x rows with
+    its hidden (backward: the window's inputs and output cotangents, exchanged together)."""
     act, d, k = _itemsize(m.dtype), m.d_model, m.num_experts_per_tok
     token_axes = _axes(logical_to_spec(("batch", None, None), sizes, (rows, length, d))[0])
     w_spec = logical_to_spec(("experts", "embed", "mlp"), sizes, (m.n_routed_experts, d, m.moe_d_ff))
     gather = math.prod(sizes[a] for a in _axes(w_spec[0]) if a in token_axes)
+    replicated = [a for a in _axes(w_spec[0]) if a not in token_axes]
     f = m.moe_d_ff // math.prod(sizes[a] for a in _axes(w_spec[2]))
-    t = rows_per_device(rows, sizes) * length * gather
-    base = t * k * (d * act + 3 * f * act + 2 * d * 4)
+    t_local = rows_per_device(rows, sizes) * length
+    shared = MLP_BYTES[backward] * t_local * m.n_shared_experts * f * act
+    shared_note = f"; shared experts {shared / GiB:.2f} GiB" if shared else ""
+    per_row = d * act + 3 * f * act + 2 * d * 4  # sorted input, gate/up/product hidden, float32 output x2
+    if not replicated and dispatch_path(m.moe_dispatch, gather, k) == "all_to_all":
+        chunks = token_chunks(t_local, m.moe_chunk)
+        n = t_local // chunks * k  # one chunk's rows
+        w = window_rows(n, m.moe_capacity)
+        window = w * per_row
+        total = 2 * t_local * d * act + n * d * (2 * act + 2 * 4)  # sorted rows, their outputs, float32 combine
+        total += 3 * window + n * d * 3 * act + w * 2 * d * act if backward else window * 5 // 4
+        if backward and chunks > 1:  # the backward keeps every chunk's sorted rows and float32 outputs
+            total += t_local * k * d * (act + 4)
+        return Item("routed experts", total + shared,
+                    f"all-to-all over {gather} expert shards: {n} rows of {d} (top-{k} of {t_local // chunks} "
+                    f"tokens{f', {chunks} chunks, model.moe_chunk={m.moe_chunk}' if chunks > 1 else ''}), a window "
+                    f"of {w} rows (model.moe_capacity={m.moe_capacity:g}) with {f} hidden" + shared_note)
+    t = t_local * gather
+    base = t * k * per_row
     total = 2 * t * d * act + (3 * base if backward else base * 5 // 4)
-    shared = MLP_BYTES[backward] * t // gather * m.n_shared_experts * f * act
     return Item("routed experts", total + shared,
                 f"{t} tokens (x{gather}: gathered over the expert axis) x top-{k} rows of {d} and {f} hidden"
-                + (f"; shared experts {shared / GiB:.2f} GiB" if shared else ""))
+                + shared_note)
 
 
 def _logits(m: ModelConfig, sizes: dict[str, int], rows: int, length: int, backward: bool, what: str,
@@ -515,6 +538,15 @@ def _grpo_phases(cfg: Config, sizes: dict[str, int], grads: Item) -> list[Phase]
     shared = g.prompts_per_step % math.prod(sizes[a] for a in BATCH_AXES) == 0  # stages/grpo.py rollout
     prompts, samples = (g.prompts_per_step, g.group_size) if shared else (rows, 1)
     rollout = _sampling_phase(cfg, sizes, prompts, samples, s - new, new, "rollout")
+    if cfg.sampling.decode_layout:  # stages/grpo.py rollout: sampling.decode_state's copy
+        train_bytes = sum(_model_state_bytes(m, sizes))
+        with use_layout("decode"):
+            decode_bytes = sum(_model_state_bytes(m, sizes))
+        if decode_bytes != train_bytes:
+            copy = Item("decode-layout params", decode_bytes,
+                        "the params resharded once for decoding (sampling.decode_layout: d_model not split over "
+                        "fsdp/expert, so no weight all-gather per token); dropped after the rollout")
+            rollout = dataclasses.replace(rollout, items=(copy, *rollout.items))
     passes = "pi_old and pi_ref, one after the other" if g.beta > 0 else "pi_old"
     n_pass = g.minibatches * cfg.train.grad_accum  # GRPOIteration.pass_micro
     pass_rows = rows // n_pass

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from r1jax.sharding import state_shardings, use_layout
+
 
 def pad_prompts(prompts: list[np.ndarray], total_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad prompts into [B, total_len] int32 and their lengths [B]."""
@@ -101,12 +103,34 @@ def _prefill_shared(model, tokens: jax.Array, lengths: jax.Array, width: int, to
     return jnp.repeat(logits, g, axis=0), cache
 
 
+def decode_layout_state(state: nnx.State, mesh) -> nnx.State:
+    """`state` resharded once into the decode layout (sharding.DECODE_RULES: experts on the
+    expert axis, heads / hidden / vocabulary on tensor, d_model unsplit), for
+    `generate(..., layout="decode")`. A new copy where a leaf's sharding changes (the input is
+    untouched; drop the copy after sampling); leaves already in that layout are passed through."""
+    with use_layout("decode"):
+        shardings = state_shardings(state, mesh)
+    return jax.device_put(state, shardings)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "stop_ids", "vocab_limit", "samples_per_prompt", "top_p_width"))
+                                             "stop_ids", "vocab_limit", "samples_per_prompt", "top_p_width",
+                                             "layout"))
 def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *,
              max_new_tokens: int, eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), vocab_limit: int = 0, samples_per_prompt: int = 1,
-             top_p_width: int = TOP_P_WIDTH) -> dict:
+             top_p_width: int = TOP_P_WIDTH, layout: str = "train") -> dict:
+    """See `_generate`; layout "decode" traces the model under sharding.use_layout("decode") (for
+    params from `decode_layout_state`: then no weight is all-gathered per decode step)."""
+    with use_layout(layout):
+        return _generate(graphdef, state, tokens, lengths, rng, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                         temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
+                         vocab_limit=vocab_limit, samples_per_prompt=samples_per_prompt, top_p_width=top_p_width)
+
+
+def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *,
+              max_new_tokens: int, eos_id: int, temperature: float, top_k: int, top_p: float,
+              stop_ids: Sequence[int], vocab_limit: int, samples_per_prompt: int, top_p_width: int) -> dict:
     """Continue right-padded prompts tokens [B, T] (lengths [B]; T >= max prompt + max_new_tokens:
     only the first T - max_new_tokens positions are prefilled), each G = samples_per_prompt times.
 

@@ -12,12 +12,18 @@ Mesh axes:
   fsdp    data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
   expert  expert parallelism for routed experts; data parallelism for everything else
   tensor  Megatron-style tensor parallelism over heads, MLP hidden units and vocabulary
+
+Two layouts: "train" (RULES) and "decode" (DECODE_RULES: the same, without sharding d_model or the
+MLA latents over fsdp/expert), which the sampler uses for rollouts (`use_layout`): a decode step
+touches every weight once per token, so FSDP's per-step weight all-gathers would dominate it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -56,13 +62,39 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The decode layout: experts stay on the expert axis, heads / hidden / vocabulary on tensor; nothing
+# splits d_model, so no parameter is all-gathered inside the decode loop (tests/test_sampling.py).
+DECODE_RULES: dict[str, tuple[str, ...]] = {**RULES, "embed": (), "q_lora": (), "kv_lora": ()}
+LAYOUTS = {"train": RULES, "decode": DECODE_RULES}
+_layout: contextvars.ContextVar[str] = contextvars.ContextVar("r1jax_layout", default="train")
+
+
+@contextlib.contextmanager
+def use_layout(name: str) -> Iterator[None]:
+    """Within the block, logical_to_spec (parameter shardings, the MoE shard_map's weight specs)
+    follows layout `name` ("train" or "decode")."""
+    if name not in LAYOUTS:
+        raise ValueError(f"layout {name!r}: expected one of {sorted(LAYOUTS)}")
+    token = _layout.set(name)
+    try:
+        yield
+    finally:
+        _layout.reset(token)
+
+
+def current_layout() -> str:
+    return _layout.get()
+
+
 def logical_to_spec(axes: Sequence[str | None], mesh_shape: dict[str, int] | None = None,
                     shape: Sequence[int] | None = None) -> P:
-    """PartitionSpec for logical `axes` under RULES, each mesh axis used at most once.
+    """PartitionSpec for logical `axes` under the current layout's rules (RULES unless
+    `use_layout("decode")`), each mesh axis used at most once.
 
     With `mesh_shape` and `shape`, mesh axes that do not divide the dimension are skipped for it
     (so a small vector is replicated rather than failing); axes of size 1 are dropped.
     """
+    rules = LAYOUTS[_layout.get()]
     used: set[str] = set()
     spec = []
     for i, name in enumerate(axes):
@@ -72,7 +104,7 @@ def logical_to_spec(axes: Sequence[str | None], mesh_shape: dict[str, int] | Non
         if name not in RULES:
             raise KeyError(f"logical axis {name!r} is not in r1jax.sharding.RULES")
         chosen = []
-        for ax in RULES[name]:
+        for ax in rules[name]:
             if ax in used:
                 continue
             if mesh_shape is not None:

@@ -88,13 +88,14 @@ def test_rollout_and_activation_terms_from_the_shapes():
     plan = plan_memory(cfg, "grpo", devices=256)
     m, s = cfg.model, cfg.train.seq_len
     assert plan.item("KV cache").bytes == 8192 // 256 * s * 61 * (512 + 64) * 2  # MLA compressed cache, bf16
-    assert plan.item("saved layer inputs", "update").bytes == 61 * (512 // 256) * s * m.d_model * 2  # remat=full
+    rows = 512 // cfg.train.grad_accum // 256  # a minibatch update's microbatch rows per device
+    assert plan.item("saved layer inputs", "update").bytes == 61 * rows * s * m.d_model * 2  # remat=full
     # blockwise attention: one [rows, heads, c, c] block pair at a time, float32 logits, probabilities
     # and their gradient per element (c: the sequence in blocks of at most model.attention_block)
     n = -(-s // m.attention_block)
     c = -(-s // n)
     assert c <= m.attention_block and n * c >= s
-    assert plan.item("MoE blocks: attention block scores (one layer)", "update").bytes == 2 * 128 * c * c * 12
+    assert plan.item("MoE blocks: attention block scores (one layer)", "update").bytes == rows * 128 * c * c * 12
     assert not any("attention mask" in it.name for p in plan.phases for it in p.items)  # no [S, S] anywhere
     assert plan.total > plan.persistent.total + plan.item("KV cache").bytes
     no_kl = plan_memory(paper("r1_zero_grpo", "grpo.beta=0.0"), "grpo", devices=256)
@@ -292,3 +293,44 @@ def test_long_sequences_fit_one_h200(path, kind):
         assert cfg.model.param_dtype == "float32" and cfg.model.dtype == "bfloat16"  # float32 master params
     ok, line = check_fits(plan, 141)
     assert ok, line
+
+
+def test_rollout_plan_counts_the_decode_layout_copy(devices8):
+    """GRPO's rollout holds the params resharded for decoding (sampling.decode_layout_state): the
+    plan's "decode-layout params" equal what one device really holds of that copy; without the
+    option, or where the layouts agree (one device), the plan has no such item."""
+    from r1jax.models import init_model
+    from r1jax.sampling import decode_layout_state
+    from r1jax.sharding import make_mesh
+
+    sizes = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]
+    cfg = load_config(CONFIGS / "tiny_r1" / "grpo.yaml", sizes)
+    rollout = plan_memory(cfg, "grpo", 8).phases[0]
+    item = [it for it in rollout.items if it.name == "decode-layout params"]
+    mesh = make_mesh(cfg.mesh, devices8, cfg.model)
+    _, state = init_model(cfg.model, jax.random.key(0), mesh)
+    decode = decode_layout_state(state, mesh)
+    held = sum(s.data.nbytes for leaf in jax.tree.leaves(decode) for s in leaf.addressable_shards
+               if s.device == devices8[0])
+    trained = sum(s.data.nbytes for leaf in jax.tree.leaves(state) for s in leaf.addressable_shards
+                  if s.device == devices8[0])
+    assert held > trained  # d_model no longer split: a real, larger copy
+    assert item and item[0].bytes == held, (item, held)
+    off = plan_memory(load_config(CONFIGS / "tiny_r1" / "grpo.yaml", [*sizes, "sampling.decode_layout=false"]), "grpo", 8)
+    one = plan_memory(load_config(CONFIGS / "tiny_r1" / "grpo.yaml"), "grpo", 1)
+    for plan in (off, one):
+        assert all(it.name != "decode-layout params" for it in plan.phases[0].items)
+
+
+@pytest.mark.parametrize("pipeline", ["r1", "r1_zero"])
+def test_paper_pipelines_fit_256_h200(pipeline):
+    """Issue 13's target: every stage of the R1 and R1-Zero paper pipelines (32k rollouts, G = 16)
+    fits 141 GiB per device on its stated 256-device mesh, through the all-to-all expert dispatch
+    in token chunks (model.moe_chunk) and the long-sequence paths."""
+    proc = subprocess.run([sys.executable, "-m", "r1jax.cli", "pipeline", str(PAPER / "pipelines" / f"{pipeline}.yaml"),
+                           "--dry-run", "--hbm-gib", "141"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stages = proc.stdout.count("== stage ")
+    assert stages >= 1 and proc.stdout.count("\n  fits: ") == stages, proc.stdout[-4000:]
+    assert "does NOT fit" not in proc.stdout
+    assert "all-to-all over 64 expert shards" in proc.stdout

@@ -18,7 +18,7 @@ from conftest import CONFIGS, GOLDEN
 from r1jax.config import MeshConfig, load_config
 from r1jax.convert import load_hf
 from r1jax.models import forward, init_model
-from r1jax.sampling import generate, pad_prompts
+from r1jax.sampling import decode_layout_state, generate, pad_prompts
 from r1jax.sharding import make_mesh, state_shardings
 
 fwd = jax.jit(forward, static_argnums=0)
@@ -181,6 +181,54 @@ def test_sharded_greedy_equals_single_device(devices8, name, sizes, monkeypatch)
     np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(ref["tokens"]))
     np.testing.assert_array_equal(np.asarray(out["lengths"]), np.asarray(ref["lengths"]))
     np.testing.assert_allclose(np.asarray(out["logprobs"]), np.asarray(ref["logprobs"]), atol=1e-5)
+
+
+def _gathered_param_shapes(hlo: str, state) -> list[str]:
+    """The all-gathers of a compiled program whose result has a weight matrix's shape (whole, or
+    one layer of a stacked one): the gathers a sharded weight needs before a matmul. (Vectors such
+    as norms and router biases are left out: their shapes also fit token-sized activations.)"""
+    import re
+
+    shapes = set()
+    for leaf in jax.tree.leaves(state):
+        shape = tuple(leaf.shape)
+        shapes.update({shape} if len(shape) == 2 else {shape, shape[1:]} if len(shape) > 2 else set())
+    found = []
+    for dims in re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather\(", hlo):
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        if shape in shapes:
+            found.append(str(shape))
+    return found
+
+
+@pytest.mark.parametrize("name,sizes", [("tiny_v3", dict(data=1, fsdp=2, expert=2, tensor=2)),
+                                        ("tiny_llama3", dict(data=2, fsdp=2, expert=1, tensor=2))],
+                         ids=["v3-fsdp2-expert2-tensor2", "llama3-data2-fsdp2-tensor2"])
+def test_decode_layout_gathers_no_parameter(devices8, name, sizes):
+    """Resharded once into the decode layout (sampling.decode_layout_state), the sampler's
+    compiled program all-gathers no parameter (the training layout's FSDP shards all-gather per
+    layer and step), samples what one device samples, and leaves the training params as they were."""
+    cfg, graphdef, state = model(name)
+    rng = np.random.default_rng(3)
+    toks, lens = pad_prompts([rng.integers(1, cfg.vocab_size, n).astype(np.int32) for n in (5, 9, 3, 7)] * 2,
+                             9 + 6, 0)
+    kw = dict(max_new_tokens=6, eos_id=-1)
+    ref = generate(graphdef, state, toks, lens, jax.random.key(0), **kw)
+    mesh = make_mesh(MeshConfig(**sizes), devices8, cfg)
+    sharded = jax.device_put(state, state_shardings(state, mesh))
+    before = jax.tree.map(np.asarray, sharded)
+    with jax.set_mesh(mesh):
+        decode = decode_layout_state(sharded, mesh)
+        hlo = {layout: generate.lower(graphdef, st, toks, lens, jax.random.key(0), layout=layout, **kw)
+               .compile().as_text() for layout, st in [("train", sharded), ("decode", decode)]}
+        out = generate(graphdef, decode, toks, lens, jax.random.key(0), layout="decode", **kw)
+    assert _gathered_param_shapes(hlo["train"], state), "the training layout should gather FSDP shards"
+    assert _gathered_param_shapes(hlo["decode"], state) == []
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(ref["tokens"]))
+    np.testing.assert_allclose(np.asarray(out["logprobs"]), np.asarray(ref["logprobs"]), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(before)):  # the trained params are untouched
+        assert not a.is_deleted()
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_profiles_name_prefill_and_decode():

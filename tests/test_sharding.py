@@ -1,5 +1,7 @@
 """Sharding on 8 fake CPU devices: logits equal the 1-device logits; experts live on the expert axis."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,9 +90,13 @@ def test_dense_student_tensor_parallel(devices8):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
 
 
-def test_sharded_gradients_equal_single_device(devices8, tiny_v3):
-    """Backward through the expert-parallel shard_map (all-gather / reduce-scatter transposes)."""
+@pytest.mark.parametrize("sizes,dispatch", [(MESHES[1], "auto"), (dict(data=2, expert=4), "all_to_all")],
+                         ids=["fsdp2-expert2-tensor2-gather", "data2-expert4-all_to_all"])
+def test_sharded_gradients_equal_single_device(devices8, tiny_v3, sizes, dispatch):
+    """Backward through the expert-parallel shard_map (all-gather / reduce-scatter transposes, or
+    the all-to-all dispatch's custom VJP)."""
     cfg, tokens, segments, _ = tiny_v3
+    cfg = dataclasses.replace(cfg, moe_dispatch=dispatch)
 
     def loss_fn(graphdef, params, others, t, s):
         logits, aux = nnx.merge(graphdef, params, others)(t, None, s, with_mtp=True)
@@ -108,7 +114,7 @@ def test_sharded_gradients_equal_single_device(devices8, tiny_v3):
                      jax.device_put(segments, batch_sharding(mesh)))
 
     loss0, g0 = grads(None)
-    loss1, g1 = grads(make_mesh(MeshConfig(**MESHES[1]), devices8, cfg))
+    loss1, g1 = grads(make_mesh(MeshConfig(**sizes), devices8, cfg))
     assert abs(float(loss0 - loss1)) < 1e-5
     for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
         np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=1e-6, rtol=0,

@@ -16,11 +16,15 @@ weights. FLOPs are those of the k chosen experts per token; no dense one-hot ove
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from r1jax.config import ModelConfig
+from r1jax.models.dispatch import routed_experts_all_to_all
 from r1jax.models.gmm import grouped_matmul
 from r1jax.models.layers import DTYPES, MLP, RouterBias, param
 from r1jax.sharding import active_mesh, logical_to_spec, mesh_shape
@@ -104,24 +108,63 @@ def routed_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate:
         return ys[inverse].reshape(t, k, -1).sum(1).astype(dt)
 
 
-def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh, impl: str = "auto"):
+def window_ffn(x: jax.Array, local: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+               impl: str = "auto") -> jax.Array:
+    """The dropless FFN of rows x [W, d] for their local experts `local` [W] (e_loc: no expert,
+    output 0): one all-to-all window (models/dispatch.py). [W, d] in x.dtype."""
+    return routed_experts(x, local[:, None], jnp.ones(local.shape + (1,), jnp.float32), w_gate, w_up, w_down,
+                          impl=impl)
+
+
+def dispatch_path(dispatch: str, ep: int, k: int) -> str:
+    """How routed_experts_sharded moves tokens for an expert group of `ep` shards that split the
+    tokens too: "gather" (ep = 1 or asked), or "all_to_all" (asked, or auto with ep > k: then it
+    moves fewer rows, k (ep-1)/ep against (ep-1) per token, and holds a bounded buffer)."""
+    if ep <= 1 or dispatch == "gather":
+        return "gather"
+    return "all_to_all" if dispatch == "all_to_all" or ep > k else "gather"
+
+
+def token_chunks(tokens: int, chunk: int) -> int:
+    """Into how many equal chunks the all-to-all dispatch splits a device's `tokens` for chunks of
+    at most `chunk` tokens (0: one): the fewest that divide `tokens` evenly."""
+    if chunk <= 0 or chunk >= tokens:
+        return 1
+    n = -(-tokens // chunk)
+    while tokens % n:
+        n += 1
+    return n
+
+
+def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh, impl: str = "auto",
+                           dispatch: str = "auto", capacity: float = 2.0, chunk: int = 0):
     """Expert-parallel routed experts over `mesh`; x [B, S, d], experts/weights [B, S, k].
+    Returns (y [B, S, d], rounds: int32 scalar, the all-to-all rounds this layer ran, 1 for gather).
 
     Layout: tokens are sharded over (data, fsdp, expert); expert weights over experts -> expert,
-    d_model -> fsdp, hidden -> tensor. Per device, inside shard_map:
+    d_model -> fsdp, hidden -> tensor. Per device, inside shard_map, after all-gathering the expert
+    weights' fsdp shards (ZeRO-3, one layer at a time), one of two dispatches (dispatch_path):
 
-      1. all-gather the expert weights' fsdp shards (ZeRO-3, one layer at a time);
-      2. all-gather the tokens (and their choices) over the `expert` axis, so each expert shard
+    gather:
+      1. all-gather the tokens (and their choices) over the `expert` axis, so each expert shard
          sees every token of its expert-parallel group;
-      3. compute only the assignments that hit its local experts (dropless grouped matmul), with the
+      2. compute only the assignments that hit its local experts (dropless grouped matmul), with the
          hidden dimension split over `tensor`;
-      4. psum over `tensor`, then reduce-scatter over `expert`: each device gets back the complete
+      3. psum over `tensor`, then reduce-scatter over `expert`: each device gets back the complete
          sum over all k experts for its own tokens.
+      Communication per layer and device, with T local tokens, ep expert shards: (ep-1) T d in the
+      all-gather and (ep-1) T d in the reduce-scatter; memory ep T tokens and ep T k rows. No
+      capacity factor or padding.
 
-    Communication per layer and device, with T local tokens, ep expert shards: (ep-1) T d in the
-    all-gather and (ep-1) T d in the reduce-scatter. An all-to-all dispatch would move about
-    k (ep-1)/ep T d each way, so this costs the same for ep <= k (DeepSeek-V3: k = 8) and keeps
-    no capacity factor or padding; for ep much larger than k a ragged all-to-all is cheaper.
+    all_to_all (models/dispatch.py): each (token, choice) row goes to its expert's shard by a
+      ragged all-to-all and back, in rounds of a bounded receive buffer (capacity x T k rows);
+      then psum over `tensor`. Communication about k T d (ep-1)/ep each way; memory independent
+      of ep; dropless (a skewed batch takes extra rounds). With `chunk` > 0 (model.moe_chunk) the
+      device's tokens go in chunks of at most that many, one after another (`lax.map`), so the
+      buffers follow the chunk, not the sequence (the backward keeps each chunk's sorted inputs).
+
+    Expert axes that do not shard the tokens (tokens replicated over them) need no exchange: each
+    shard computes its experts' rows and a psum adds them (both paths).
     """
     ms = mesh_shape(mesh)
     batch = logical_to_spec(("batch", None, None), ms, x.shape)
@@ -135,12 +178,38 @@ def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh, impl
     token_axes = axes_of(batch[0])
     gather_axes = tuple(a for a in expert_axes if a in token_axes)  # tokens split over these: gather
     sum_axes = tuple(a for a in expert_axes if a not in token_axes)  # tokens replicated: plain psum
+    ep = 1
+    for ax in gather_axes:
+        ep *= ms[ax]
+    k = experts.shape[-1]
+    path = dispatch_path(dispatch, ep, k) if not sum_axes else "gather"  # all_to_all: one expert group
 
     def local(x, experts, weights, w_gate, w_up, w_down):
         if fsdp_axes:
             w_gate = jax.lax.all_gather(w_gate, fsdp_axes, axis=1, tiled=True)
             w_up = jax.lax.all_gather(w_up, fsdp_axes, axis=1, tiled=True)
             w_down = jax.lax.all_gather(w_down, fsdp_axes, axis=2, tiled=True)
+        b, s, d = x.shape
+        if path == "all_to_all":
+            ffn = functools.partial(window_ffn, impl=impl)
+            t = b * s
+            n = token_chunks(t, chunk)
+
+            def dispatch_chunk(args):
+                return routed_experts_all_to_all(*args, w_gate, w_up, w_down, ffn, axis_name=gather_axes, ep=ep,
+                                                 capacity=capacity, all_axes=tuple(mesh.axis_names))
+
+            flat = (x.reshape(t, d), experts.reshape(t, k), weights.reshape(t, k))
+            if n == 1:
+                y, rounds = dispatch_chunk(flat)
+            else:  # one chunk of t / n tokens after another: buffers of a chunk's size
+                y, rounds = jax.lax.map(dispatch_chunk, tuple(a.reshape(n, t // n, a.shape[1]) for a in flat))
+                y, rounds = y.reshape(t, d), jnp.max(rounds)
+            y = y.reshape(b, s, d)
+            if tensor_axes:
+                with jax.named_scope("combine"):
+                    y = jax.lax.psum(y, tensor_axes)
+            return y, rounds
         if gather_axes:
             with jax.named_scope("dispatch"):
                 x, experts, weights = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True)
@@ -156,15 +225,16 @@ def routed_experts_sharded(x, experts, weights, w_gate, w_up, w_down, mesh, impl
                 y = jax.lax.psum(y, tensor_axes + sum_axes)
             if gather_axes:
                 y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
-        return y
+        return y, jnp.ones((), jnp.int32)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, gate_spec, gate_spec, down_spec),
-                         out_specs=batch, check_vma=False)(x, experts, weights, w_gate, w_up, w_down)
+                         out_specs=(batch, P()), check_vma=False)(x, experts, weights, w_gate, w_up, w_down)
 
 
 class MoE(nnx.Module):
     """Router + routed experts (+ shared experts). Returns (output, aux) with aux the expert load
-    counts [E] and the unweighted sequence-wise balance loss of this layer."""
+    counts [E], the unweighted sequence-wise balance loss of this layer and its dispatch rounds
+    (int32; above 1 only when the all-to-all dispatch needed extra rounds)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -186,11 +256,13 @@ class MoE(nnx.Module):
         weights, experts = weights.reshape(b, s, -1), experts.reshape(b, s, -1)
         mesh = active_mesh()
         wg, wu, wd = self.w_gate[...], self.w_up[...], self.w_down[...]
+        rounds = jnp.ones((), jnp.int32)
         if mesh is None:
             y = routed_experts(x.reshape(b * s, d), experts.reshape(b * s, -1), weights.reshape(b * s, -1),
                                wg, wu, wd, impl=cfg.moe_impl).reshape(b, s, d)
         else:
-            y = routed_experts_sharded(x, experts, weights, wg, wu, wd, mesh, cfg.moe_impl)
+            y, rounds = routed_experts_sharded(x, experts, weights, wg, wu, wd, mesh, cfg.moe_impl,
+                                               cfg.moe_dispatch, cfg.moe_capacity, cfg.moe_chunk)
         if cfg.n_shared_experts:
             with jax.named_scope("shared_experts"):
                 y = y + self.shared(x)
@@ -198,6 +270,7 @@ class MoE(nnx.Module):
             "load": expert_load(experts, token_mask, cfg.n_routed_experts),
             "balance_loss": sequence_balance_loss(scores.reshape(b, s, -1), experts, token_mask,
                                                   cfg.num_experts_per_tok),
+            "rounds": rounds,
         }
         return y, aux
 

@@ -161,9 +161,10 @@ class Transformer(nnx.Module):
 
         tokens [B, S] int; positions [B, S] (default 0..S-1); segment_ids [B, S] (default all 1;
         0 marks padding, distinct ids mark packed documents). aux holds, for MoE models,
-        `moe_load` [L_moe, E] assignments per expert over valid tokens and `balance_loss` [L_moe]
-        (unweighted, V3 eq. 17); with `with_mtp`, `mtp_logits` [D, B, S, vocab] where depth k
-        (1-based) at position i predicts token i + 1 + k, and `mtp_load` / `mtp_balance_loss`;
+        `moe_load` [L_moe, E] assignments per expert over valid tokens, `balance_loss` [L_moe]
+        (unweighted, V3 eq. 17) and `moe_rounds` [L_moe] (all-to-all dispatch rounds, int32); with
+        `with_mtp`, `mtp_logits` [D, B, S, vocab] where depth k (1-based) at position i predicts
+        token i + 1 + k, and `mtp_load` / `mtp_balance_loss`;
         with `return_hidden`, `hidden` [B, S, d_model], the final normalised hidden state. With
         logits=False and `with_mtp`, aux holds `mtp_hidden` [D, B, S, d_model] (each depth's
         normalised output, the input of the shared head) instead of `mtp_logits`.
@@ -185,6 +186,7 @@ class Transformer(nnx.Module):
         if cfg.n_moe_layers:
             h, moe_aux = scan_modules(self.moe_blocks, block_fn, h, remat=cfg.remat)
             aux["moe_load"], aux["balance_loss"] = moe_aux["load"], moe_aux["balance_loss"]
+            aux["moe_rounds"] = moe_aux["rounds"]
         h = self.final_norm(h)
         if return_hidden:
             aux["hidden"] = h

@@ -2,8 +2,8 @@
 
 One iteration (`GRPOIteration`, the stage loop's step; train.steps counts iterations), in six parts:
   1. rollout     group_size samples of each of prompts_per_step prompts, in-graph (`sampling.generate`
-                 on the training params themselves: same arrays, same mesh, no copy, no weight sync),
-                 drawn as the `sampling` section says;
+                 on the training params, resharded once into the decode layout and dropped after:
+                 `sampling.decode_layout`; same mesh, no weight sync), drawn as `sampling` says;
   2. score       rewards on the host (`r1jax.rewards.RewardFn`: worker processes with timeouts and
                  a memory cap), plus DAPO's soft overlong penalty when set; the scoring counts
                  (timeouts, refusals, worker restarts, ...) go to the metrics;
@@ -34,7 +34,7 @@ from r1jax.errors import DataError
 from r1jax.evaluate import eval_scorer, heldout_eval_fn
 from r1jax.rewards import RewardFn
 from r1jax.rewards.combine import stats_delta
-from r1jax.sampling import generate, pad_prompts
+from r1jax.sampling import decode_layout_state, generate, pad_prompts
 from r1jax.sharding import BATCH_AXES, batch_sharding
 from r1jax.stages.loop import run_loop
 from r1jax.stages.result import StageResult
@@ -218,11 +218,15 @@ class GRPOIteration:
         host_plens = np.repeat(prompt_lens, g) if shared else prompt_lens
         tokens = _global(prompt_tokens, self.rows_sharding)
         plens = _global(prompt_lens, self.vec_sharding)
-        model_state = nnx.merge_state(state.params, state.router_bias)  # the training params, no copy
+        model_state = nnx.merge_state(state.params, state.router_bias)  # the training params
         s = self.s
+        layout = "decode" if s.decode_layout else "train"
+        if s.decode_layout:  # resharded once for decoding; the trained params are untouched
+            model_state = decode_layout_state(model_state, self.mesh)
         out = generate(self.ctx.graphdef, model_state, tokens, plens, key, max_new_tokens=s.max_new_tokens,
                        eos_id=self.tok.eos_id, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                       vocab_limit=self.tok.vocab_size, samples_per_prompt=g if shared else 1)
+                       vocab_limit=self.tok.vocab_size, samples_per_prompt=g if shared else 1, layout=layout)
+        del model_state  # the decode copy goes before the log-prob passes
         plens = _global(host_plens, self.vec_sharding)
         toks, tlens = _host(out["tokens"]), _host(out["lengths"])
         texts = [self.tok.decode(toks[i, host_plens[i]:tlens[i]].tolist(), skip_special=True) for i in range(len(toks))]

@@ -231,7 +231,7 @@ def distill_step(state: TrainState, teacher_params: nnx.State, teacher_bias: nnx
     are not trained here. A MoE student's router biases move by the aux-loss-free rule as in sft_step.
     Jit with ctx, teacher_graphdef and the loss settings bound (functools.partial). `rng` is unused.
     Metrics: loss (the distillation divergence, token mean), ce, objective, grad_norm, lr, tokens,
-    seq_tokens (+ balance_loss, load_max_over_mean for a MoE student).
+    seq_tokens (+ balance_loss, load_max_over_mean, moe_extra_rounds for a MoE student).
     """
     del rng
     batch = {k: constrain(batch[k], ("batch", "length")) for k in BATCH_KEYS}

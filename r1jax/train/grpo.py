@@ -82,7 +82,7 @@ def grpo_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContex
     """One optimizer step on a GRPO (mini)batch, accumulated over ctx.grad_accum microbatches (the
     loss is normalised by the whole minibatch's counts, so any accumulation gives the same step).
     `rng` is unused (deterministic forward). Metrics: loss, policy_loss, clip_fraction, entropy
-    (+ kl with beta > 0), grad_norm, lr (+ balance_loss, load_max_over_mean for MoE)."""
+    (+ kl with beta > 0), grad_norm, lr (+ balance_loss, load_max_over_mean, moe_extra_rounds for MoE)."""
     del rng
     batch = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
     a = ctx.grad_accum

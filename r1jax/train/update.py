@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from r1jax.sharding import constrain
@@ -80,12 +79,17 @@ def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: dict, n: i
 def balance_term(aux: dict, coef: float, n_micro: int) -> tuple[jax.Array, dict]:
     """The MoE balance-loss term of one of `n_micro` microbatch objectives, and its stats.
 
-    aux: the model's aux ("balance_loss" [L_moe], unweighted, V3 eq. 17; "moe_load" [L_moe, E]).
-    Returns (coef * mean over layers of the balance loss / n_micro, {"balance": that mean,
-    "load": the loads}); summed over the microbatches, the term is coef times their mean balance.
+    aux: the model's aux ("balance_loss" [L_moe], unweighted, V3 eq. 17; "moe_load" [L_moe, E];
+    "moe_rounds" [L_moe], the all-to-all dispatch rounds). Returns (coef * mean over layers of the
+    balance loss / n_micro, {"balance": that mean, "load": the loads, "extra_rounds": dispatch
+    rounds beyond the first, summed over layers}); summed over the microbatches, the term is coef
+    times their mean balance.
     """
     balance = jnp.mean(aux["balance_loss"])
-    return coef * balance / n_micro, {"balance": balance, "load": aux["moe_load"]}
+    stats = {"balance": balance, "load": aux["moe_load"]}
+    if "moe_rounds" in aux:
+        stats["extra_rounds"] = jnp.sum(jnp.maximum(aux["moe_rounds"] - 1, 0)).astype(jnp.float32)
+    return coef * balance / n_micro, stats
 
 
 def update_router_bias(bias: nnx.State, loads: dict[str, jax.Array], gamma: float) -> nnx.State:
@@ -161,7 +165,7 @@ def apply_gradients(state: TrainState, grads: nnx.State, totals: dict | None = N
     totals: accumulate_gradients' summed stats; for a MoE model they hold (balance_term) the expert
     loads "load" [L, E] (and "mtp_load" [D, E] when the MTP modules ran) and "balance", summed over
     ctx.grad_accum microbatches. Returns the new state and {"grad_norm", "lr"} (+ "balance_loss",
-    the microbatches' mean, and "load_max_over_mean" for a MoE model)."""
+    the microbatches' mean, "load_max_over_mean" and "moe_extra_rounds" for a MoE model)."""
     params32 = jax.tree.map(lambda p: p.astype(jnp.float32), state.params)
     updates, opt_state = ctx.tx.update(grads, state.opt_state, params32)
     key = rounding_key(ctx.seed, state.step) if ctx.stochastic_rounding else None
@@ -173,4 +177,6 @@ def apply_gradients(state: TrainState, grads: nnx.State, totals: dict | None = N
         bias = update_router_bias(bias, loads, ctx.bias_update_speed)
         metrics["balance_loss"] = totals["balance"] / ctx.grad_accum
         metrics["load_max_over_mean"] = load_max_over_mean(loads["moe"])
+        if "extra_rounds" in totals:  # all-to-all rounds beyond the first, over layers and microbatches
+            metrics["moe_extra_rounds"] = totals["extra_rounds"]
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias), metrics
