@@ -16,7 +16,7 @@ the next one still runs, and the exit status is 1. The JAX persistent compilatio
 (timings must not depend on what an earlier run left); compile times are reported apart from the
 timed runs, which follow a warm-up run, are waited for (block_until_ready) and are medians of --reps.
 
-Sections (SECTIONS below; issue 13 adds its kernels against their fallbacks the same way):
+Sections (SECTIONS below):
 
 - sft: the jitted `r1jax.train.sft.sft_step`, built as `r1jax sft` builds it (make_context,
   init_train_state on the mesh, donated state, explicit shardings), on random rows of one document
@@ -52,6 +52,12 @@ Sections (SECTIONS below; issue 13 adds its kernels against their fallbacks the 
   iteration seconds, as the stage loop counts them (trained: the whole rows, prompts included, x
   inner epochs); generation_share = rollout seconds (generate, the host copy and the decoding of the
   responses) / iteration seconds. compile_s = first iteration - median iteration.
+
+- gmm: the routed experts' grouped matmul (`models/gmm.py` grouped_matmul), forward + backward of
+  x [rows, d] @ w [E, d, f] in bfloat16 at a DeepSeek-V3 expert shard's shape (32,768 rows of
+  7,168 x 2,048, 8 local experts; tiny: 256 x 128 x 128, 4), one row per implementation:
+  mosaic_gpu (the Hopper Mosaic-GPU kernels, on a Hopper GPU only), tiled (the fallback) and
+  ragged_dot (XLA's; dense masked outside TPU).
 
 Peaks: bf16 dense FLOP/s by device kind from `r1jax.stages.loop.PEAK_FLOPS` (H200 and H100 989,
 A100 312 TFLOP/s: datasheets) and HBM bandwidth from HBM_BYTES_PER_S (H200 4.8, H100 3.35, A100 2.0
@@ -122,6 +128,7 @@ class Size:
     grpo_grad_accum: int
     reps: int  # timed runs of sft and decode (after a warm-up)
     grpo_reps: int  # timed GRPO iterations (after a warm-up iteration)
+    gmm_shape: tuple[int, int, int, int] = (256, 128, 128, 4)  # rows, d_model, expert hidden, local experts
 
 
 SIZES = {
@@ -131,7 +138,7 @@ SIZES = {
     "full": Size("qwen2.5-1.5b", ("model.remat=full", "model.dtype=bfloat16"),
                  sft_seqs=(4096, 32768), sft_batch=1, decode_batches=(1, 256), decode_prompt=64, decode_new=256,
                  grpo_prompts=16, grpo_group=8, grpo_prompt=64, grpo_new=512, grpo_grad_accum=8, reps=5,
-                 grpo_reps=2),
+                 grpo_reps=2, gmm_shape=(32768, 7168, 2048, 8)),
 }
 
 
@@ -366,6 +373,39 @@ def grpo_section(size: Size, args, pk: Peaks) -> list[dict]:
              "updates": metrics["updates"], "loss": metrics["loss"]}]
 
 
+def gmm_section(size: Size, args, pk: Peaks) -> list[dict]:
+    """The routed experts' grouped matmul, forward + backward (dx and dw) of x [rows, d] @ w [E, d, f]
+    in bfloat16, rows split unevenly over the E groups (2:1:1:... with a last group of 0), one row
+    per implementation of models/gmm.py: mosaic_gpu (the Hopper kernels; only on a Hopper GPU),
+    tiled (the fallback), ragged_dot (XLA's; dense masked outside TPU). FLOPs: 6 rows d f."""
+    from r1jax.models.gmm import _is_hopper, grouped_matmul
+
+    rows, d, f, e = size.gmm_shape
+    weights = np.array([2.0] + [1.0] * (e - 2) + [0.0])
+    gs = np.floor(rows * weights / weights.sum()).astype(np.int32)
+    gs[0] += rows - gs.sum()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(rows, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(e, d, f)) * 0.02, jnp.bfloat16)
+    gsj = jnp.asarray(gs)
+    out = []
+    for impl in (["mosaic_gpu"] if _is_hopper() else []) + ["tiled", "ragged_dot"]:
+        def loss(a, b, impl=impl):
+            return jnp.sum(grouped_matmul(a, b, gsj, impl).astype(jnp.float32) ** 2)
+
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        t0 = time.perf_counter()
+        compiled = step.lower(x, w).compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(compiled(x, w))  # warm-up
+        secs = statistics.median(timed(lambda: compiled(x, w), args.reps or size.reps))
+        flops = 6 * rows * d * f
+        out.append({"impl": impl, "rows": rows, "d": d, "f": f, "groups": e, "compile_s": compile_s,
+                    "fwd_bwd_ms": secs * 1e3, "tflops_per_s": flops / secs / 1e12,
+                    "mfu": flops / secs / pk.flops if pk.flops else None})
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
@@ -408,6 +448,12 @@ SECTIONS = {
         ("update_s", "update", "{:.3f} s"), ("tokens_per_s", "tokens/s (generated + trained)", "{:,.0f}"),
         ("sampled_tokens_per_s", "generated tokens/s", "{:,.0f}"),
         ("generation_share", "generation share", "{:.1%}"))),
+    "gmm": Section(gmm_section, "grouped matmul of the routed experts, forward + backward (models/gmm.py)", (
+        "x [rows, d] @ w [E, d, f] bfloat16, rows over E groups 2:1:...:1:0; FLOPs 6 rows d f (y, dx, dw); "
+        "mosaic_gpu only on Hopper; ragged_dot is XLA's, dense masked outside TPU; median after a warm-up."), (
+        ("impl", "impl", "{}"), ("rows", "rows", "{:,}"), ("d", "d", "{}"), ("f", "f", "{}"),
+        ("groups", "groups", "{}"), ("compile_s", "compile", "{:.1f} s"), ("fwd_bwd_ms", "fwd + bwd", "{:.3f} ms"),
+        ("tflops_per_s", "TFLOP/s", "{:.3g}"), ("mfu", "share of peak", "{:.1%}"))),
 }
 
 

@@ -100,7 +100,7 @@ class ModelConfig:
     group_score: Literal["top2_sum", "max"] = "top2_sum"  # V3: sum of top-2; V2: max
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-    moe_impl: Literal["auto", "ragged_dot", "tiled"] = "auto"  # grouped matmul (see models/gmm.py)
+    moe_impl: Literal["auto", "ragged_dot", "tiled", "mosaic_gpu"] = "auto"  # grouped matmul (models/gmm.py)
     # expert-parallel dispatch (models/moe.py): all-gather the expert group's tokens, or send each
     # (token, choice) row to its expert's shard with a ragged all-to-all (models/dispatch.py);
     # auto: all_to_all when the expert axis that shards the tokens is larger than num_experts_per_tok
@@ -198,6 +198,9 @@ class ModelConfig:
                 out.append(("moe_d_ff", f"must be > 0 for an MoE model, got {self.moe_d_ff}"))
             if self.moe_capacity <= 0:
                 out.append(("moe_capacity", f"must be > 0, got {self.moe_capacity}"))
+            if self.moe_impl == "mosaic_gpu" and (self.d_model % 128 or self.moe_d_ff % 128):
+                out.append(("moe_impl", f"mosaic_gpu tiles d_model and moe_d_ff by 128 (models/gmm.py "
+                                        f"MOSAIC_BLOCKS), got {self.d_model} and {self.moe_d_ff}"))
             if self.moe_chunk < 0:
                 out.append(("moe_chunk", f"must be >= 0 (0: no chunks), got {self.moe_chunk}"))
             if g <= 0 or e % g:

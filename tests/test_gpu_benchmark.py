@@ -56,7 +56,7 @@ def test_tiny_run_reports_every_section(tmp_path):
     assert res["hbm_bytes_per_s"] is None
     for key in ("device_kind", "jax_version", "flax_version", "date"):
         assert res[key], key
-    assert set(res["sections"]) == {"sft", "decode", "grpo"}
+    assert set(res["sections"]) == {"sft", "decode", "grpo", "gmm"}
     for name, rows in res["sections"].items():
         assert isinstance(rows, list) and rows, (name, rows)
         for row in rows:
@@ -76,6 +76,7 @@ def test_tiny_run_reports_every_section(tmp_path):
     assert g["sampled_tokens"] == 2 * 4 * 16  # eos is never sampled: every row runs to N
     assert g["rollout_s"] < g["iteration_s"]
     assert "| tokens/row |" in stdout and "| batch |" in stdout and "generation share" in stdout
+    assert [r["impl"] for r in res["sections"]["gmm"]] == ["tiled", "ragged_dot"]  # mosaic_gpu: Hopper only
 
 
 def test_peaks_are_na_on_cpu_unless_given():
@@ -95,7 +96,7 @@ def test_sections_flag_names_the_known_ones(capsys):
     assert gpu.parse(["--sections", "grpo,sft"]).sections == ["grpo", "sft"]
     with pytest.raises(SystemExit):
         gpu.parse(["--sections", "sft,kernels"])
-    assert "unknown ['kernels'] (known: sft, decode, grpo)" in capsys.readouterr().err
+    assert "unknown ['kernels'] (known: sft, decode, grpo, gmm)" in capsys.readouterr().err
 
 
 def test_full_size_flops_per_token_follow_palm():

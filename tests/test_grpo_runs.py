@@ -142,3 +142,36 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     assert cli.main(["grpo", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "grpo.clip_hihg" in err and str(cfg) in err
+
+
+@pytest.mark.slow
+def test_two_processes_score_their_own_rows(tmp_path):
+    """Rewards by process: in a two-process job each process scores only its half of the rollouts,
+    and the advantages every iteration trains on are those of the same run on one process."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, xla_flags
+
+    helper = str(ROOT / "tests" / "grpo_process_run.py")
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=1", "model.mtp_depth=0", "train.steps=2",
+            "checkpoint.every=2", "distributed.heartbeat_timeout=10", "distributed.initialization_timeout=120"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    one = subprocess.run([sys.executable, helper, str(tmp_path / "one"), *BASE, *mesh,
+                          f"checkpoint.dir={tmp_path / 'run1'}"], env=dict(env, XLA_FLAGS=xla_flags(8)),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
+                          "--devices-per-process", "4", "--", sys.executable, helper, str(tmp_path / "two"), *BASE,
+                          *mesh, f"checkpoint.dir={tmp_path / 'run2'}"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:]
+    ref = json.loads((tmp_path / "one" / "p0.json").read_text())
+    n = 4 * 4  # prompts x group size
+    assert ref["scored"] == [n, n]
+    for p in ("p0", "p1"):
+        got = json.loads((tmp_path / "two" / f"{p}.json").read_text())
+        assert got["scored"] == [n // 2, n // 2], p  # its own half of the rows only
+        np.testing.assert_allclose(got["advantages"], ref["advantages"], atol=1e-6)
+    assert np.std(ref["advantages"]) > 0  # the reward has variance: the comparison can fail

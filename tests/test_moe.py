@@ -219,3 +219,88 @@ def test_tile_height_follows_rows_per_expert():
     assert tile_rows(100, 8) == 16  # 12 rows per expert -> next power of two
     assert tile_rows(16 * 256 * 2, 8) == 128  # a training batch: full height
     assert tile_rows(3, 64) == 8
+
+
+def _per_group(x, w, gs, dy):
+    bounds = np.concatenate([[0], np.cumsum(gs)])
+    y, dx, dw = np.zeros((x.shape[0], w.shape[2])), np.zeros(x.shape), np.zeros(w.shape)
+    for g in range(len(gs)):
+        s, e = bounds[g], bounds[g + 1]
+        y[s:e], dx[s:e], dw[g] = x[s:e] @ w[g], dy[s:e] @ w[g].T, x[s:e].T @ dy[s:e]
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 130, 1, 40, 0], [0, 0, 0, 0, 0, 0], [33] * 6])
+def test_mosaic_gmm_custom_vjp_matches_per_group_products(sizes):
+    """The Hopper grouped matmul's custom VJP (models/gmm.py mosaic_gmm) run with kernels of the
+    same contracts (XLA ragged_dot): forward and both gradients against a per-group loop, rows past
+    the groups 0 (the Mosaic kernels leave them unwritten: the VJP must mask them)."""
+    from r1jax.models.gmm import REFERENCE_KERNELS, mosaic_gmm
+
+    rng = np.random.default_rng(len(sizes) + sum(sizes))
+    gs = np.array(sizes, np.int32)
+    x = rng.normal(size=(210, 12)).astype(np.float32)
+    w = rng.normal(size=(6, 12, 10)).astype(np.float32)
+    dy = rng.normal(size=(210, 10)).astype(np.float32)
+    ref_y, ref_dx, ref_dw = _per_group(x, w, gs, dy)
+
+    def garbage_past_groups(lhs, rhs, group_sizes, transpose_rhs=False):  # what unwritten rows may hold
+        y = REFERENCE_KERNELS[0](lhs, rhs, group_sizes, transpose_rhs)
+        return jnp.where(jnp.arange(y.shape[0])[:, None] < jnp.sum(group_sizes), y, jnp.nan)
+
+    kernels = (garbage_past_groups, REFERENCE_KERNELS[1])
+    gsj = jnp.asarray(gs)
+    y = mosaic_gmm(jnp.asarray(x), jnp.asarray(w), gsj, kernels)
+    np.testing.assert_allclose(np.asarray(y), ref_y, atol=1e-4)
+    dx, dw = jax.grad(lambda a, b: jnp.sum(mosaic_gmm(a, b, gsj, kernels) * dy), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(dx), ref_dx, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, atol=1e-4)
+
+
+def test_mosaic_gmm_lowers_for_gpu(monkeypatch):
+    """The Hopper path (impl="mosaic_gpu") lowers for CUDA from this CPU machine, forward and
+    backward, as Mosaic-GPU kernels: the y / dx kernel twice and the dw kernel once."""
+    import re
+    import types
+
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+    from r1jax.models.gmm import grouped_matmul, mosaic_fits
+
+    # the dw kernel sizes its grid by the GPU's SM count (jax.devices()[0].core_count); lowering
+    # here, with no GPU, it is given an H100 / H200's 132
+    hopper = types.SimpleNamespace(core_count=132)
+    proxy = types.SimpleNamespace(**{k: getattr(jax, k) for k in dir(jax) if not k.startswith("__")})
+    proxy.devices = lambda *a: [hopper]
+    monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", proxy)
+
+    rows, d, f, e = 512, 256, 128, 4
+    assert mosaic_fits(d, f) and not mosaic_fits(128, 96)  # tiny_v3's d_model / moe_d_ff fall back to tiled
+    args = (jax.ShapeDtypeStruct((rows, d), jnp.bfloat16), jax.ShapeDtypeStruct((e, d, f), jnp.bfloat16),
+            jax.ShapeDtypeStruct((e,), jnp.int32))
+
+    def loss(x, w, gs):
+        return jnp.sum(grouped_matmul(x, w, gs, "mosaic_gpu").astype(jnp.float32) ** 2)
+
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=["cuda"])(*args)
+    calls = re.findall(r"stablehlo\.custom_call @(\w+)", exported.mlir_module())
+    assert calls.count("mosaic_gpu") + calls.count("mosaic_gpu_v2") >= 3, calls
+    assert "ragged_dot" not in " ".join(calls)
+
+
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()),
+                    reason="needs a GPU (Hopper): the Mosaic-GPU kernels against the tiled form")
+def test_mosaic_gmm_equals_tiled_on_gpu():
+    from r1jax.models.gmm import grouped_matmul
+
+    rng = np.random.default_rng(0)
+    gs = jnp.asarray([300, 0, 129, 83], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(640, 256)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(4, 256, 128)) * 0.05, jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(640, 128)), jnp.bfloat16)
+    out = {}
+    for impl in ("mosaic_gpu", "tiled"):
+        f = jax.jit(lambda a, b, i=impl: jnp.sum(grouped_matmul(a, b, gs, i).astype(jnp.float32) * dy))
+        out[impl] = (grouped_matmul(x, w, gs, impl), *jax.grad(f, argnums=(0, 1))(x, w))
+    for a, b in zip(out["mosaic_gpu"], out["tiled"]):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)

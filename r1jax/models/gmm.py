@@ -11,7 +11,13 @@ scan multiplies each used tile by its group's weight. Its VJP is written out: dx
 grouped product with transposed weights, dw accumulates x_tile^T dy_tile into its group, so the
 backward pass stores nothing per tile. Padding costs less than one tile per group.
 
-`grouped_matmul` picks ragged_dot on TPU (native grouped kernels) and the tiled form elsewhere.
+On Hopper GPUs `mosaic_gmm` runs jax's Pallas Mosaic-GPU grouped kernels
+(`jax.experimental.pallas.ops.gpu`: `ragged_dot_mgpu` for y and dx, `transposed_ragged_dot_mgpu`
+for dw), one pass over the routed rows each, with a custom VJP; they need d_model and the expert
+hidden size to be multiples of 128 (MOSAIC_BLOCKS), else the tiled form runs.
+
+`grouped_matmul` picks ragged_dot on TPU (native grouped kernels), the Mosaic-GPU kernels on a
+Hopper GPU where the shapes fit, and the tiled form elsewhere.
 """
 
 from __future__ import annotations
@@ -88,15 +94,102 @@ def _bwd(tile, res, dy):
 tiled_gmm.defvjp(_fwd, _bwd)
 
 
+# Tiles of the Mosaic-GPU kernels (rows x columns x contraction), from the ranges their own
+# benchmarks sweep on H100; the dims they tile must divide by them.
+MOSAIC_BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+
+
+def _mosaic_ragged(lhs, rhs, group_sizes, transpose_rhs=False):
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    return ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, transpose_rhs=transpose_rhs,
+                                      **MOSAIC_BLOCKS)
+
+
+def _mosaic_transposed(lhs, rhs, group_sizes):
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(lhs, rhs, group_sizes=group_sizes, **MOSAIC_BLOCKS)
+
+
+def _reference_ragged(lhs, rhs, group_sizes, transpose_rhs=False):
+    return jax.lax.ragged_dot(lhs, jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs, group_sizes)
+
+
+def _reference_transposed(lhs, rhs, group_sizes):
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers=dims)
+
+
+# (y / dx kernel, dw kernel): the Mosaic-GPU ones, and XLA's ragged_dot with the same contracts
+# (what the CPU tests run the custom VJP with; XLA lowers it densely outside TPU)
+MOSAIC_GPU_KERNELS = (_mosaic_ragged, _mosaic_transposed)
+REFERENCE_KERNELS = (_reference_ragged, _reference_transposed)
+
+
+def _below_groups(rows: int, group_sizes: jax.Array) -> jax.Array:
+    return (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def mosaic_gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, kernels=MOSAIC_GPU_KERNELS) -> jax.Array:
+    """Grouped matmul through grouped kernels: x [rows, d] sorted by group, w [E, d, f] -> [rows, f]
+    in x.dtype; rows past sum(group_sizes) are 0 (the kernels leave them unwritten). Backward:
+    dx = the same kernel against w transposed, dw [E, d, f] = the transposed (row-contracting)
+    grouped kernel of x and dy."""
+    return _mosaic_forward(x, w, group_sizes, kernels)
+
+
+def _mosaic_forward(x, w, group_sizes, kernels):
+    y = kernels[0](x, w.astype(x.dtype), group_sizes)
+    return jnp.where(_below_groups(x.shape[0], group_sizes), y, 0).astype(x.dtype)
+
+
+def _mosaic_fwd(x, w, group_sizes, kernels):
+    return _mosaic_forward(x, w, group_sizes, kernels), (x, w, group_sizes)
+
+
+def _mosaic_bwd(kernels, res, dy):
+    x, w, group_sizes = res
+    dy = dy.astype(x.dtype)
+    dx = kernels[0](dy, w.astype(x.dtype), group_sizes, transpose_rhs=True)
+    dx = jnp.where(_below_groups(x.shape[0], group_sizes), dx, 0).astype(x.dtype)
+    dw = kernels[1](x, dy, group_sizes)
+    return dx, dw.astype(w.dtype), None
+
+
+mosaic_gmm.defvjp(_mosaic_fwd, _mosaic_bwd)
+
+
+def mosaic_fits(d: int, f: int) -> bool:
+    """Whether the Mosaic-GPU kernels tile x [rows, d] @ w [E, d, f] (both directions)."""
+    b = MOSAIC_BLOCKS
+    return all(n % b["block_n"] == 0 and n % b["block_m"] == 0 and n % b["block_k"] == 0 for n in (d, f))
+
+
+def _is_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str = "auto") -> jax.Array:
     """x [rows, d] sorted by group, w [E, d, f], group_sizes [E] -> [rows, f] (see module docstring).
 
-    impl: "ragged_dot" | "tiled" | "auto" (ragged_dot on TPU, tiled elsewhere).
+    impl: "ragged_dot" | "tiled" | "mosaic_gpu" | "auto" (ragged_dot on TPU, mosaic_gpu on a Hopper
+    GPU where mosaic_fits, tiled elsewhere).
     """
     if impl == "auto":
-        impl = "ragged_dot" if jax.default_backend() == "tpu" else "tiled"
+        if jax.default_backend() == "tpu":
+            impl = "ragged_dot"
+        elif _is_hopper() and mosaic_fits(w.shape[1], w.shape[2]):
+            impl = "mosaic_gpu"
+        else:
+            impl = "tiled"
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes)
+    if impl == "mosaic_gpu":
+        return mosaic_gmm(x, w, group_sizes.astype(jnp.int32))
     return tiled_gmm(x, w, group_sizes.astype(jnp.int32), tile_rows(x.shape[0], w.shape[0]))
 
 

@@ -33,7 +33,7 @@ from r1jax.data.pipeline import heldout, make_source
 from r1jax.errors import DataError
 from r1jax.evaluate import eval_scorer, heldout_eval_fn
 from r1jax.rewards import RewardFn
-from r1jax.rewards.combine import stats_delta
+from r1jax.rewards.combine import STAT_MAXIMA, stats_delta
 from r1jax.sampling import decode_layout_state, generate, pad_prompts
 from r1jax.sharding import BATCH_AXES, batch_sharding
 from r1jax.stages.loop import run_loop
@@ -103,6 +103,35 @@ def _global(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def own_rows(n: int) -> slice:
+    """The rollout rows this process decodes and scores: its contiguous 1/process_count share of
+    the n rows (all of them on one process, or when n does not split evenly)."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1 or n % count:
+        return slice(0, n)
+    return slice(index * n // count, (index + 1) * n // count)
+
+
+def gather_rows(x: np.ndarray, rows: slice, n: int) -> np.ndarray:
+    """A per-row host array of this process's `rows` -> all n rows in order, from every process
+    (a process_allgather of the shares; no collective when `rows` already covers them)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1 or rows == slice(0, n):
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _sum_over_processes(counts: dict) -> dict:
+    """Scoring counts of every process: added up, maxima (rewards.STAT_MAXIMA) their max."""
+    from jax.experimental import multihost_utils
+
+    keys = sorted(counts)
+    every = np.asarray(multihost_utils.process_allgather(np.asarray([counts[k] for k in keys], np.float64)))
+    return {k: float(every[:, i].max() if k in STAT_MAXIMA else every[:, i].sum()) for i, k in enumerate(keys)}
+
+
 def _host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
@@ -120,9 +149,10 @@ class Rollout:
     tokens: np.ndarray  # [N, T] host copy of out["tokens"]
     lengths: np.ndarray  # [N] prompt + response
     num_new: np.ndarray  # [N] response tokens
-    texts: list[str]  # the decoded responses
-    records: list[dict]  # each rollout's prompt record (groups contiguous)
+    texts: list[str]  # the decoded responses of this process's rows (`own`)
+    records: list[dict]  # their prompt records (groups contiguous)
     seconds: float
+    own: slice | None = None  # the rows this process scores (own_rows); None: all of them
 
 
 @dataclasses.dataclass
@@ -229,19 +259,28 @@ class GRPOIteration:
         del model_state  # the decode copy goes before the log-prob passes
         plens = _global(host_plens, self.vec_sharding)
         toks, tlens = _host(out["tokens"]), _host(out["lengths"])
-        texts = [self.tok.decode(toks[i, host_plens[i]:tlens[i]].tolist(), skip_special=True) for i in range(len(toks))]
-        records = [r for r in batch["records"] for _ in range(g)]
+        own = own_rows(len(toks))  # each process decodes (and scores) only its share of the rows
+        texts = [self.tok.decode(toks[i, host_plens[i]:tlens[i]].tolist(), skip_special=True)
+                 for i in range(own.start, own.stop)]
+        records = [r for r in batch["records"] for _ in range(g)][own]
         return Rollout(out=out, prompt_lengths=plens, tokens=toks, lengths=tlens, num_new=tlens - host_plens,
-                       texts=texts, records=records, seconds=time.perf_counter() - t0)
+                       texts=texts, records=records, seconds=time.perf_counter() - t0, own=own)
 
     def score(self, rollout: Rollout) -> Scores:
         """2. Rewards of each response on the host: the reward function's components and their
-        weighted total, plus DAPO's overlong penalty (grpo.overlong_max_len > 0)."""
+        weighted total, plus DAPO's overlong penalty (grpo.overlong_max_len > 0). Each process
+        scores its own rows (rollout.own); the per-row results are then gathered from all
+        processes, so every process holds all N (and the scoring counts are summed)."""
         t0 = time.perf_counter()
         stats = getattr(self.reward_fn, "stats", None)  # a RewardFn's: timeouts, refusals, restarts, ...
         before = stats() if callable(stats) else None
         scores = self.reward_fn(rollout.texts, rollout.records)
         counts = stats_delta(before, stats()) if before is not None else None
+        n = len(rollout.tokens)
+        own = rollout.own or slice(0, n)
+        scores = {k: gather_rows(np.asarray(v, np.float32), own, n) for k, v in scores.items()}
+        if counts and jax.process_count() > 1 and own != slice(0, n):
+            counts = _sum_over_processes(counts)
         total = np.asarray(scores["total"], np.float32)
         g = self.g
         if g.overlong_max_len:
