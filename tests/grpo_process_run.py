@@ -19,8 +19,8 @@ from r1jax.stages import grpo as stage
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def main() -> None:
-    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+def run(out: Path, overrides: list[str]) -> None:
+    """The run; also called in-process by the test (the class patch is undone at the end)."""
     cfg = load_config(CONFIGS / "models" / "tiny_v3.yaml", overrides)
     log = {"scored": [], "advantages": []}
 
@@ -37,10 +37,13 @@ def main() -> None:
         return rows, weights
 
     stage.GRPOIteration.advantages_and_masks = recorded
-    stage.run_grpo(cfg, reward_fn=digit_share)
+    try:
+        stage.run_grpo(cfg, reward_fn=digit_share)
+    finally:
+        stage.GRPOIteration.advantages_and_masks = original
     out.mkdir(parents=True, exist_ok=True)
     (out / f"p{jax.process_index()}.json").write_text(json.dumps(log))
 
 
 if __name__ == "__main__":
-    main()
+    run(Path(sys.argv[1]), sys.argv[2:])

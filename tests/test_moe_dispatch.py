@@ -171,3 +171,32 @@ def test_all_to_all_exports_the_real_collective(devices8, platform):
     assert "collective_permute" not in text  # the emulation is CPU-only
     gathers = [line for line in text.splitlines() if "stablehlo.all_gather" in line]
     assert gathers and all("tensor<4x4x2xi32>" in line for line in gathers), gathers
+
+
+def test_extra_rounds_reach_the_step_metrics(devices8):
+    """An SFT step on (data=2, expert=4) reports the all-to-all rounds beyond the first, summed over
+    MoE layers: with a window of a quarter of the rows a shard routes, every layer needs at least 4
+    rounds (a shard receives N rows on average), so at least 3 extra each."""
+    import functools
+
+    from r1jax.sharding import batch_sharding
+    from r1jax.train.sft import BATCH_KEYS, sft_step
+    from r1jax.train.state import init_train_state, make_context, train_state_shardings
+
+    cfg = load_config(CONFIGS / "models" / "tiny_v3.yaml",
+                      ["mesh.data=2", "mesh.fsdp=1", "mesh.expert=4", "mesh.tensor=1", "train.batch_size=8",
+                       "train.seq_len=16", "train.mtp=false", "model.moe_dispatch=all_to_all",
+                       "model.moe_capacity=0.25"])
+    ctx = make_context(cfg)
+    mesh = make_mesh(cfg.mesh, devices8, cfg.model)
+    state = init_train_state(ctx, jax.random.key(0), mesh)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, cfg.model.vocab_size, (8, 16)).astype(np.int32)
+    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "loss_mask": np.ones((8, 16), np.int32),
+             "segment_ids": np.ones((8, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1))}
+    sh = train_state_shardings(ctx, mesh)
+    step = jax.jit(functools.partial(sft_step, ctx=ctx), in_shardings=(sh, batch_sharding(mesh), None))
+    with jax.set_mesh(mesh):
+        _, metrics = step(state, {k: jax.device_put(batch[k], batch_sharding(mesh)) for k in BATCH_KEYS}, None)
+    extra = float(metrics["moe_extra_rounds"])
+    assert extra >= 3 * cfg.model.n_moe_layers, extra

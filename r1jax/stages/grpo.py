@@ -277,7 +277,7 @@ class GRPOIteration:
         scores = self.reward_fn(rollout.texts, rollout.records)
         counts = stats_delta(before, stats()) if before is not None else None
         n = len(rollout.tokens)
-        own = rollout.own or slice(0, n)
+        own = getattr(rollout, "own", None) or slice(0, n)
         scores = {k: gather_rows(np.asarray(v, np.float32), own, n) for k, v in scores.items()}
         if counts and jax.process_count() > 1 and own != slice(0, n):
             counts = _sum_over_processes(counts)
