@@ -472,6 +472,11 @@ class GRPOConfig:
     inner_epochs: int = 1  # mu
     minibatches: int = 1
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    # sampler/trainer mismatch correction (train/losses.py importance_weights): per-token weight
+    # w = pi_old (training forward) / pi_sampler, truncated at mismatch_cap (tis), or tokens /
+    # sequences with w outside [1/cap, cap] masked out (token_mask / sequence_mask)
+    mismatch: Literal["off", "tis", "token_mask", "sequence_mask"] = "off"
+    mismatch_cap: float = 2.0
     overlong_max_len: int = 0  # DAPO soft overlong punishment: > 0 turns it on
     overlong_cache: int = 0
     rewards: RewardWeights = RewardWeights()
@@ -495,6 +500,9 @@ class GRPOConfig:
                     "reward_max_chars"):
             if getattr(self, key) < 0:
                 out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if self.mismatch_cap <= 0 or (self.mismatch in ("token_mask", "sequence_mask") and self.mismatch_cap < 1):
+            out.append(("mismatch_cap", f"must be > 0 (tis) or >= 1 (masks: the band [1/cap, cap]), got "
+                                        f"{self.mismatch_cap}"))
         if self.reward_timeout <= 0:
             out.append(("reward_timeout", f"must be > 0 seconds, got {self.reward_timeout}"))
         return out

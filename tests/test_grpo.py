@@ -3,6 +3,7 @@ DeepSeekMath eqs. 3-4 (clipped surrogate, k3 KL), DAPO (clip-higher, token-mean,
 Dr. GRPO (no std, sum-norm), GSPO (sequence ratio); losses and their gradients, with padding."""
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +189,90 @@ def test_grpo_step_with_grad_accumulation_equals_one_big_batch():
     assert float(m1["kl"]) > 0
     for x, y in zip(jax.tree.leaves((s1.params, s1.router_bias)), jax.tree.leaves((s4.params, s4.router_bias))):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler / trainer mismatch correction (issue 14): TIS and masking
+
+
+def _plain_weights(old, sampled, mask, mode, cap):
+    """The correction written out token by token (numpy, float64)."""
+    b, t = old.shape
+    out = np.zeros((b, t))
+    for i in range(b):
+        toks = [j for j in range(t) if mask[i, j]]
+        ratios = {j: math.exp(old[i, j] - sampled[i, j]) for j in toks}
+        if mode == "sequence_mask" and toks:
+            seq = math.exp(sum(old[i, j] - sampled[i, j] for j in toks) / len(toks))
+        for j in toks:
+            w = ratios[j]
+            if mode == "tis":
+                out[i, j] = min(w, cap)
+            elif mode == "token_mask":
+                out[i, j] = 1.0 if 1 / cap <= w <= cap else 0.0
+            elif mode == "sequence_mask":
+                out[i, j] = 1.0 if 1 / cap <= seq <= cap else 0.0
+            else:
+                out[i, j] = 1.0
+    return out
+
+
+@pytest.mark.parametrize("mode", ["off", "tis", "token_mask", "sequence_mask"])
+def test_importance_weights_match_a_plain_rederivation(mode):
+    from r1jax.train.losses import importance_weights
+
+    rng = np.random.default_rng(7)
+    old = rng.normal(-2.0, 1.0, (6, 9))
+    sampled = old + rng.normal(0.0, 0.6, (6, 9))  # log-ratios of either sign, some beyond log 1.5
+    mask = (rng.random((6, 9)) < 0.7).astype(np.float32)
+    mask[0] = 0  # a row with no response tokens
+    sampled[1] = old[1] - 1.0  # a sequence the sampler drew far from pi_old: its mean ratio is e
+    cap = 1.5
+    w, stats = importance_weights(jnp.asarray(old, jnp.float32), jnp.asarray(sampled, jnp.float32),
+                                  jnp.asarray(mask), mode, cap)
+    want = _plain_weights(old, sampled, mask, mode, cap)
+    np.testing.assert_allclose(np.asarray(w), want, rtol=1e-5, atol=1e-6)
+    ratios = np.exp(old - sampled)[mask > 0]
+    assert float(stats["is_ratio_mean"]) == pytest.approx(ratios.mean(), rel=1e-5)
+    assert float(stats["is_ratio_max"]) == pytest.approx(ratios.max(), rel=1e-5)
+    corrected = {"off": 0.0, "tis": np.mean(ratios > cap),
+                 "token_mask": np.mean(want[mask > 0] == 0), "sequence_mask": np.mean(want[mask > 0] == 0)}[mode]
+    assert float(stats["is_corrected_share"]) == pytest.approx(corrected, abs=1e-6)
+    if mode != "off":
+        assert 0 < corrected < 1  # the inputs exercise the correction
+
+
+def test_policy_objective_weights_the_clipped_term_of_each_token():
+    """l_t = -w_t min(r A, clip(r) A) (+ beta KL unweighted), token-mean: re-derived per token."""
+    rng = np.random.default_rng(8)
+    logp, old = rng.normal(-2, 0.3, (3, 5)), rng.normal(-2, 0.3, (3, 5))
+    ref = rng.normal(-2, 0.3, (3, 5))
+    adv, mask = rng.normal(size=3), (rng.random((3, 5)) < 0.8).astype(np.float32)
+    w = rng.uniform(0, 2, (3, 5)) * mask
+    loss, _ = policy_objective(*(jnp.asarray(a, jnp.float32) for a in (logp, old, adv, mask)), clip_low=0.2,
+                               clip_high=0.28, ref_logp=jnp.asarray(ref, jnp.float32), beta=0.1,
+                               aggregation="token-mean", is_weight=jnp.asarray(w, jnp.float32))
+    total = 0.0
+    for i, j in itertools.product(range(3), range(5)):
+        if mask[i, j]:
+            r = math.exp(logp[i, j] - old[i, j])
+            term = -min(r * adv[i], min(max(r, 0.8), 1.28) * adv[i]) * w[i, j]
+            kl = math.exp(ref[i, j] - logp[i, j]) - (ref[i, j] - logp[i, j]) - 1  # k3
+            total += term + 0.1 * kl
+    assert float(loss) == pytest.approx(total / mask.sum(), rel=1e-5)
+
+
+def test_sampler_logprobs_land_on_the_response_targets():
+    """New token j of row i sits at target position plen_i - 1 + j: exactly the response mask of
+    the training rows, in order."""
+    from r1jax.stages.grpo import sampler_logp_rows
+
+    plens, totals, width, new = np.array([3, 5, 2]), np.array([7, 6, 2]), 9, 5
+    tokens = np.arange(3 * width).reshape(3, width) % 17 + 1
+    rows = rollout_batch(jnp.asarray(tokens), jnp.asarray(plens), jnp.asarray(totals))
+    logp = -np.arange(1, 3 * new + 1, dtype=np.float32).reshape(3, new)
+    placed, mask = sampler_logp_rows(jnp.asarray(logp), jnp.asarray(plens), jnp.asarray(totals - plens), width)
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(rows["response_mask"]))
+    for i in range(3):
+        got = np.asarray(placed)[i][np.asarray(mask)[i] > 0]
+        np.testing.assert_array_equal(got, logp[i, :totals[i] - plens[i]])

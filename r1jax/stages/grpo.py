@@ -54,7 +54,7 @@ from r1jax.train.grpo import (
     token_logprobs,
     unpack_rows,
 )
-from r1jax.train.losses import overlong_penalty
+from r1jax.train.losses import importance_weights, overlong_penalty
 from r1jax.train.state import (
     StepContext,
     TrainState,
@@ -177,8 +177,10 @@ class Updates:
 
 def _prepare(params, bias, ref_params, rows, plens, sampler_logp, num_new, plan=None, *, ctx: StepContext,
              micro: int):
-    """pi_old (and pi_ref) log-probs [N, T] of the rollout by the training forward, and how far the
-    sampler's own log-probs are from pi_old (a check that sampling and training agree).
+    """pi_old (and pi_ref) log-probs [N, T] of the rollout by the training forward, how far the
+    sampler's own log-probs are from pi_old (a check that sampling and training agree), and with
+    grpo.mismatch the per-token correction weights `is_weight` [N, T] (losses.importance_weights)
+    and their stats.
 
     The passes run in `micro` microbatches (`token_logprobs`); with a `plan` (`pack_plan`'s arrays)
     on the rollouts packed several to a row, their log-probs then mapped back to the rollout rows."""
@@ -190,12 +192,26 @@ def _prepare(params, bias, ref_params, rows, plens, sampler_logp, num_new, plan=
     out = {"old_logp": old}
     if ref_params is not None:
         out["ref_logp"] = to_rows(token_logprobs(ref_params, bias, pass_rows, ctx=ctx, micro=micro))
-    n = sampler_logp.shape[1]
-    pos = jnp.clip(plens[:, None] - 1 + jnp.arange(n)[None], 0, old.shape[1] - 1)  # target of position p is p + 1
-    valid = jnp.arange(n)[None] < num_new[:, None]
-    diff = jnp.abs(jnp.take_along_axis(old, pos, axis=1) - sampler_logp) * valid
-    out["logp_mismatch"] = jnp.sum(diff) / jnp.maximum(jnp.sum(valid), 1)
+    sampled, valid = sampler_logp_rows(sampler_logp, plens, num_new, old.shape[1])
+    out["logp_mismatch"] = jnp.sum(jnp.abs(old - sampled) * valid) / jnp.maximum(jnp.sum(valid), 1)
+    if ctx.loss.mismatch != "off":
+        out["is_weight"], stats = importance_weights(old, sampled, rows["response_mask"], ctx.loss.mismatch,
+                                                     ctx.loss.mismatch_cap)
+        out.update(stats)
     return out
+
+
+def sampler_logp_rows(sampler_logp: jax.Array, plens: jax.Array, num_new: jax.Array, width: int):
+    """The sampler's log-prob of new token j of row i ([N, max_new]) placed at that token's target
+    position plens[i] - 1 + j of the training rows ([N, width]: position p's target is token
+    p + 1), 0 elsewhere; and the float32 mask of the positions that hold one."""
+    n = sampler_logp.shape[1]
+    live = jnp.arange(n)[None] < num_new[:, None]
+    where = jnp.where(live, plens[:, None] - 1 + jnp.arange(n)[None], width)  # past a row's end: dropped
+    rows = jnp.arange(sampler_logp.shape[0])[:, None]
+    placed = jnp.zeros((sampler_logp.shape[0], width), jnp.float32).at[rows, where].set(sampler_logp, mode="drop")
+    mask = jnp.zeros((sampler_logp.shape[0], width), jnp.float32).at[rows, where].set(1.0, mode="drop")
+    return placed, mask
 
 
 def _minibatch_step(state: TrainState, batch: dict, idx: jax.Array, *, ctx: StepContext):
@@ -302,9 +318,11 @@ class GRPOIteration:
         rows["advantages"] = _global(weights["advantages"], self.vec_sharding)
         return rows, weights
 
-    def logprob_passes(self, state: GRPOState, rows: dict, rollout: Rollout) -> tuple[dict, jax.Array]:
+    def logprob_passes(self, state: GRPOState, rows: dict, rollout: Rollout) -> tuple[dict, dict]:
         """4. log pi_old (and log pi_ref) of every sampled token by the training forward, added to
-        `rows`; and the mean |log pi_old - the sampler's log-prob| over response tokens.
+        `rows` (with grpo.mismatch, also the correction weights `is_weight`); and the mismatch
+        stats: logp_mismatch, the mean |log pi_old - the sampler's log-prob| over response tokens
+        (+ is_ratio_mean, is_ratio_max, is_corrected_share with grpo.mismatch).
 
         The rollouts are packed by their actual lengths when that takes fewer rows (`pack_plan`:
         a pass then costs about the tokens generated, not rollouts x row length), and each pass
@@ -314,7 +332,8 @@ class GRPOIteration:
             plan = {k: _global(v, self.rows_sharding) for k, v in plan.items()}
         extra = self._prepare(state.params, state.router_bias, state.ref_params, rows, rollout.prompt_lengths,
                               rollout.out["logprobs"], rollout.out["num_new"], plan)
-        mismatch = extra.pop("logp_mismatch")
+        mismatch = {k: extra.pop(k) for k in ("logp_mismatch", "is_ratio_mean", "is_ratio_max",
+                                               "is_corrected_share") if k in extra}
         return dict(rows, **extra), mismatch
 
     def updates(self, state: GRPOState, rows: dict, useful: np.ndarray, it: int) -> Updates:
@@ -364,7 +383,8 @@ class GRPOIteration:
         ended = np.asarray([rollout.tokens[i, rollout.lengths[i] - 1] == self.tok.eos_id if num_new[i] else False
                             for i in range(len(num_new))])
         out["truncated"] = float(1.0 - ended.mean())
-        out["logp_mismatch"] = float(mismatch)
+        for key, value in (mismatch if isinstance(mismatch, dict) else {"logp_mismatch": mismatch}).items():
+            out[key] = float(value)  # logp_mismatch; with grpo.mismatch the correction's is_* stats
         out["sampled_tokens"] = float(num_new.sum())
         out["trained_tokens"] = float(np.sum(rollout.lengths)) * g.inner_epochs if steps else 0.0
         out["sampling_tokens_per_s"] = out["sampled_tokens"] / max(rollout.seconds, 1e-9)

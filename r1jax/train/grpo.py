@@ -48,12 +48,15 @@ class GRPOLoss:
     kl_estimator: str = "k3"
     aggregation: str = "seq-mean-token-mean"
     max_len: int = 1  # Dr. GRPO's constant length (the rollouts' max_new_tokens)
+    mismatch: str = "off"  # sampler/trainer mismatch correction (losses.importance_weights)
+    mismatch_cap: float = 2.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> GRPOLoss:
         g = cfg.grpo
         return cls(clip_low=g.clip_low, clip_high=g.clip_high, ratio_level=g.ratio_level, beta=g.beta,
-                   kl_estimator=g.kl_estimator, aggregation=g.aggregation, max_len=cfg.sampling.max_new_tokens)
+                   kl_estimator=g.kl_estimator, aggregation=g.aggregation, max_len=cfg.sampling.max_new_tokens,
+                   mismatch=g.mismatch, mismatch_cap=g.mismatch_cap)
 
 
 def _objective(params, bias, batch, norm, *, ctx: StepContext):
@@ -67,7 +70,7 @@ def _objective(params, bias, batch, norm, *, ctx: StepContext):
         logp, batch["old_logp"], batch["advantages"], batch["response_mask"], clip_low=loss_cfg.clip_low,
         clip_high=loss_cfg.clip_high, ratio_level=loss_cfg.ratio_level, ref_logp=batch.get("ref_logp"),
         beta=loss_cfg.beta, kl=loss_cfg.kl_estimator, aggregation=loss_cfg.aggregation, max_len=loss_cfg.max_len,
-        norm=norm)
+        norm=norm, is_weight=batch.get("is_weight"))
     m = batch["response_mask"].astype(jnp.float32)
     stats["entropy"] = jnp.sum(entropy * m) / norm["tokens"]  # no gradient (chunked_sampled_logprobs)
     stats["policy_loss"] = loss

@@ -212,11 +212,52 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, max_len: int, no
     raise ValueError(f"unknown aggregation {mode!r} (known: {', '.join(AGGREGATIONS)})")
 
 
+MISMATCH_MODES = ("off", "tis", "token_mask", "sequence_mask")
+
+
+def importance_weights(old_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array, mode: str,
+                       cap: float) -> tuple[jax.Array, dict]:
+    """Per-token weights [B, T] that correct for the sampler not being the policy that trains.
+
+    w_t = pi_old(y_t) / pi_sampler(y_t) = exp(old_logp - sampler_logp) over the response tokens
+    (old_logp: the training forward's; sampler_logp: what the sampler drew with), constants of the
+    update. mode:
+      off            1 (no correction);
+      tis            min(w_t, cap): truncated importance sampling (Ionides 2008; Yao et al. 2025,
+                     "Your efficient RL framework secretly brings you off-policy RL training");
+      token_mask     1 where 1/cap <= w_t <= cap, else 0 (the token leaves the loss);
+      sequence_mask  1 for every token of a sequence whose geometric-mean ratio
+                     exp(mean_t log w_t) lies in [1/cap, cap], else 0 for the whole sequence.
+    Outside `mask` the weight is 0. Stats over response tokens: is_ratio_mean, is_ratio_max (of
+    w_t), is_corrected_share (tis: tokens truncated; masks: tokens masked).
+    """
+    if mode not in MISMATCH_MODES:
+        raise ValueError(f"unknown mismatch correction {mode!r} (known: {', '.join(MISMATCH_MODES)})")
+    m = mask.astype(jnp.float32)
+    log_w = jnp.where(m > 0, old_logp - sampler_logp, 0.0)
+    w = jnp.exp(log_w)
+    if mode == "tis":
+        weights, corrected = jnp.minimum(w, cap), (w > cap)
+    elif mode == "token_mask":
+        keep = (w >= 1.0 / cap) & (w <= cap)
+        weights, corrected = keep.astype(jnp.float32), ~keep
+    elif mode == "sequence_mask":
+        seq = jnp.exp(jnp.sum(log_w, -1) / jnp.maximum(jnp.sum(m, -1), 1.0))
+        keep = ((seq >= 1.0 / cap) & (seq <= cap))[:, None]
+        weights, corrected = jnp.broadcast_to(keep, w.shape).astype(jnp.float32), jnp.broadcast_to(~keep, w.shape)
+    else:
+        weights, corrected = jnp.ones_like(w), jnp.zeros(w.shape, jnp.bool_)
+    tokens = jnp.maximum(jnp.sum(m), 1.0)
+    stats = {"is_ratio_mean": jnp.sum(w * m) / tokens, "is_ratio_max": jnp.max(jnp.where(m > 0, w, 0.0)),
+             "is_corrected_share": jnp.sum(corrected.astype(jnp.float32) * m) / tokens}
+    return jax.lax.stop_gradient(weights * m), stats
+
+
 def policy_objective(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array, *,
                      clip_low: float, clip_high: float, ratio_level: str = "token",
                      ref_logp: jax.Array | None = None, beta: float = 0.0, kl: str = "k3",
                      aggregation: str = "seq-mean-token-mean", max_len: int = 1,
-                     norm: dict | None = None) -> tuple[jax.Array, dict]:
+                     norm: dict | None = None, is_weight: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """GRPO loss to minimise (the negated objective) and its statistics.
 
     logp, old_logp, ref_logp [B, T]: log-probs of the sampled tokens under pi_theta, pi_old, pi_ref;
@@ -224,7 +265,9 @@ def policy_objective(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array
 
     token ratio (GRPO/DAPO): r_it = pi_theta / pi_old per token;
     sequence ratio (GSPO): s_i = exp(mean_t log(pi_theta / pi_old)), shared by the sequence's tokens.
-    l_it = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + beta * KL_it, aggregated by `aggregation`.
+    l_it = -w_it min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + beta * KL_it, aggregated by
+    `aggregation`; w_it = is_weight (`importance_weights`: the sampler/trainer mismatch correction),
+    1 without it. The KL term is not reweighted.
     norm: the whole batch's `aggregate_norm` when these rows are one microbatch of it (the loss and
     the token-mean statistics then add up over microbatches); default: these rows' own.
     """
@@ -241,6 +284,8 @@ def policy_objective(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -jnp.minimum(unclipped, clipped)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     stats = {"clip_fraction": jnp.sum((clipped < unclipped).astype(jnp.float32) * m) / norm["tokens"]}
     if beta:
         # Positions outside the mask may hold any log-probs (e.g. unpacked padding): keep them finite.
