@@ -114,6 +114,8 @@ class ModelConfig:
     # multi-token prediction (DeepSeek-V3 section 2.2)
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
+    # a scalar head on the final hidden state (reward models: `r1jax rm`, models/transformer.py score)
+    score_head: bool = False
     # numerics
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
@@ -389,7 +391,8 @@ class TokenizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: Literal["arithmetic", "countdown", "jsonl", "gsm8k", "math500", "aime2024", "tfds"] = "arithmetic"
+    source: Literal["arithmetic", "countdown", "jsonl", "gsm8k", "math500", "aime2024", "tfds",
+                    "parity_preference"] = "arithmetic"  # parity_preference: pairs for reward models
     path: str = ""  # jsonl: the file; tfds: the data_dir
     train_path: str = ""  # a JSONL that replaces the training split (held-out evaluation keeps `source`)
     name: str = ""  # tfds: the builder name
@@ -608,6 +611,21 @@ class RejectionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RMConfig:
+    """A reward-model stage (`r1jax rm`): Bradley-Terry on preference pairs (train/reward_model.py).
+
+    The pairs come from `data` (source jsonl: lines {"prompt", "chosen", "rejected"[, "margin"]};
+    or the procedural parity_preference task); held-out pair accuracy is measured on
+    train.eval_examples pairs of data.eval_split (eval_path: a JSONL of pairs instead)."""
+
+    margin: float = 0.0  # m in -log sigmoid(r_chosen - r_rejected - m), added to each pair's own "margin"
+    eval_path: str = ""
+
+    def errors(self) -> list[tuple[str, str]]:
+        return [("margin", f"must be >= 0, got {self.margin}")] if self.margin < 0 else []
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """Distillation into a (dense) student. `sequence`: SFT on the teacher's accepted samples (R1
     section 2.4, the paper's method: point data.path at a rejection-sampling dataset); `logits`: match
@@ -673,6 +691,7 @@ class Config:
     eval: EvalConfig = EvalConfig()
     rejection: RejectionConfig = RejectionConfig()
     distill: DistillConfig = DistillConfig()
+    rm: RMConfig = RMConfig()
     name: str = ""
 
 
@@ -988,7 +1007,7 @@ def _validate(cfg, origins, prefix):
         for key, msg in cfg.optimizer.model_errors(cfg.model):
             _fail(origins, f"optimizer.{key}", msg)
         for section in ("train", "optimizer", "data", "checkpoint", "distributed", "grpo", "sampling", "eval",
-                        "rejection", "distill"):
+                        "rejection", "distill", "rm"):
             for key, msg in getattr(cfg, section).errors():
                 _fail(origins, f"{section}.{key}", msg)
         for key, msg in cfg.tokenizer.count_errors():

@@ -382,8 +382,10 @@ def _logits(m: ModelConfig, sizes: dict[str, int], rows: int, length: int, backw
                 f"{copies} x {depth} x [{r}, {chunk}, {v}] float32, {how}", group="head")
 
 
-def _train_activations(cfg: Config, sizes: dict[str, int], rows: int, length: int, with_mtp: bool) -> list[Item]:
-    """A microbatch of `rows` rows through the forward and backward pass (see _layer_buffers)."""
+def _train_activations(cfg: Config, sizes: dict[str, int], rows: int, length: int, with_mtp: bool,
+                       head: bool = True) -> list[Item]:
+    """A microbatch of `rows` rows through the forward and backward pass (see _layer_buffers); with
+    `head`, the output head's logits chunk (a reward model's scalar head has none)."""
     m, act = cfg.model, _itemsize(cfg.model.dtype)
     r = rows_per_device(rows, sizes)
     layers = m.n_layers + (m.mtp_depth if with_mtp else 0)
@@ -394,9 +396,10 @@ def _train_activations(cfg: Config, sizes: dict[str, int], rows: int, length: in
     if with_mtp:  # the MTP depths' outputs feed the main stack's gradient: their buffers outlive their loop
         items.append(Item("MTP activations and gradients", m.mtp_depth * LAYER_BYTES_BWD * r * length * m.d_model,
                           f"{m.mtp_depth} depths x [{r}, {length}, {m.d_model}], held through the main stacks' backward"))
-    depth = 1 + (m.mtp_depth if with_mtp else 0)
-    what = "and their gradient" + (", MTP depths included" if with_mtp else "")
-    items.append(_logits(m, sizes, rows, length, True, what, depth))
+    if head:
+        depth = 1 + (m.mtp_depth if with_mtp else 0)
+        what = "and their gradient" + (", MTP depths included" if with_mtp else "")
+        items.append(_logits(m, sizes, rows, length, True, what, depth))
     return items
 
 
@@ -514,7 +517,23 @@ def _training(cfg: Config, kind: str, sizes: dict[str, int], mesh: AbstractMesh,
         t_params, t_bias = _model_state_bytes(tcfg, sizes)
         persistent += [Item("teacher params", t_params, f"{tcfg.param_dtype}, frozen"),
                        Item("teacher router biases", t_bias, "float32")]
+    if kind == "rm":
+        return persistent, [_reward_model_phase(cfg, sizes, grads)]
     return persistent, [_train_step_phase(cfg, kind, sizes, grads, tcfg)]
+
+
+def _reward_model_phase(cfg: Config, sizes: dict[str, int], grads: Item) -> Phase:
+    """reward_model_step: both sides of a microbatch's pairs in one forward and backward (2 rows
+    per pair), scored by the scalar head at each row's eos: no [rows, S, vocab] logits."""
+    s, a = cfg.train.seq_len, cfg.train.grad_accum
+    pairs = cfg.train.batch_size // a
+    rb = rows_per_device(cfg.train.batch_size, sizes)
+    items = [grads, *_accumulator(grads, cfg),
+             Item("pair arrays", 2 * 2 * rb * s * 4, f"2 sides x 2 x [{rb}, {s}] int32 (tokens, segment ids)"),
+             *_train_activations(cfg, sizes, 2 * pairs, s, with_mtp=False, head=False)]
+    r = rows_per_device(2 * pairs, sizes)
+    return Phase(f"train step (microbatch of {pairs} pairs = {2 * pairs} rows x {s} tokens, {r} per device; "
+                 f"{a} per step)", tuple(items))
 
 
 def _accumulator(grads: Item, cfg: Config) -> list[Item]:

@@ -125,7 +125,7 @@ def test_every_stage_kind_is_a_command_a_pipeline_kind_and_a_dry_run_kind(tmp_pa
     from r1jax.dryrun import plan_memory
     from r1jax.stages.registry import STAGES
 
-    assert set(STAGES) == {"sft", "grpo", "rejection", "distill", "eval"}
+    assert set(STAGES) == {"sft", "grpo", "rejection", "distill", "eval", "rm"}
     assert pipeline.KINDS == tuple(STAGES)
     for name in STAGES:
         with pytest.raises(SystemExit) as e:  # each kind is a subcommand: its --help exits 0

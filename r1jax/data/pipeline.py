@@ -39,6 +39,8 @@ def make_source(cfg: DataConfig, split: str):
                                          max_digits=cfg.max_digits, ops=tuple(cfg.ops), flaw_rate=cfg.flaw_rate)
     if cfg.source == "countdown":
         return procedural.CountdownTask(cfg.seed, split, cfg.size, n_numbers=cfg.n_numbers)
+    if cfg.source == "parity_preference":
+        return procedural.ParityPreferenceTask(cfg.seed, split, cfg.size)
     if cfg.source == "jsonl":
         return jsonl_source(cfg, cfg.path, "data.path")
     if cfg.source == "gsm8k":

@@ -454,3 +454,67 @@ def check_countdown(numbers: Sequence[int], target: int, expr: str) -> bool:
         return value == target and Counter(parser.used) <= Counter(int(n) for n in numbers)
     except (TypeError, ValueError):
         return False
+
+
+# --------------------------------------------------------------------------------------------------
+# A general (non-verifiable) task with a hidden preference, for reward models
+# --------------------------------------------------------------------------------------------------
+
+_PARITY_TAG = 4
+PARITY_WORDS = ("even", "odd")
+
+
+def parity_summary(number: int, stated: str | None) -> str:
+    """A response to "Describe the number N.": a short <think> and a one-sentence summary that
+    states `stated` ("even" / "odd") as the number's parity, or no parity at all (None)."""
+    last = number % 10
+    summary = f"{number} is {stated}." if stated else f"{number} is a number."
+    return f"<think> {number} ends in {last}. </think> {summary}"
+
+
+def parity_preference(number: int, text: str) -> float:
+    """The hidden preference of `ParityPreferenceTask`, for measuring a policy (not a training
+    reward): 1.0 if the summary after </think> names the number's parity correctly (and not the
+    other one), else 0.0."""
+    if not isinstance(text, str):
+        return 0.0
+    summary = text.rsplit("</think>", 1)[-1].lower()
+    words = set(re.findall(r"[a-z]+", summary))
+    right, wrong = PARITY_WORDS[number % 2], PARITY_WORDS[1 - number % 2]
+    return float(right in words and wrong not in words)
+
+
+class ParityPreferenceTask:
+    """Preference pairs over a general prompt whose quality no rule reward checks (no <answer>):
+
+    question: "Describe the number 347."
+    chosen:   "<think> 347 ends in 7. </think> 347 is odd."        (the hidden preference: the
+    rejected: "<think> 347 ends in 7. </think> 347 is even."        summary names the parity
+              or "<think> 347 ends in 7. </think> 347 is a number."  correctly)
+
+    A reward model can learn the preference from pairs (the last digit decides it); the rule
+    rewards (accuracy, format) cannot see it. `parity_preference` scores any text by it. Numbers
+    are 1..max_number; the split key is the number. Extras: "number", "scenario": "general", and
+    "answer" / "reasoning" empty (a general prompt has no verifiable answer).
+    """
+
+    def __init__(self, seed: int, split: str, size: int, max_number: int = 999):
+        _check_common(seed, split, size)
+        self.seed, self.split, self.size, self.max_number = seed, split, size, max_number
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _propose(self, rng):
+        n = int(rng.integers(1, self.max_number + 1))
+        right, wrong = PARITY_WORDS[n % 2], PARITY_WORDS[1 - n % 2]
+        rejected = parity_summary(n, wrong if rng.random() < 0.75 else None)
+        return str(n), {"question": f"Describe the number {n}.", "reasoning": "", "answer": "",
+                        "chosen": parity_summary(n, right), "rejected": rejected, "number": n,
+                        "scenario": "general"}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = _index(i, self.size)
+        record = _draw(_PARITY_TAG, self.seed, self.split, i, self._propose)
+        record["id"] = f"parity-{self.split}-{self.seed}-{i}"
+        return record

@@ -134,6 +134,18 @@ class Transformer(nnx.Module):
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd, std=cfg.init_std)
         if cfg.mtp_depth:
             self.mtp = stack_modules(cfg.mtp_depth, lambda r: MTPModule(cfg, r), rngs)
+        if cfg.score_head:  # a reward model's scalar head (float32, like the router)
+            self.score_head = param(rngs, (cfg.d_model,), ("embed",), jnp.float32, std=cfg.init_std)
+
+    def score(self, tokens: jax.Array, last: jax.Array, positions: jax.Array | None = None,
+              segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """A reward model's scalar score of each row, float32 [B] (model.score_head): the final
+        normalised hidden state at position `last` [B] (the row's last token, its eos) dotted with
+        the head; and the forward's aux (MoE loads and balance loss). tokens [B, S]."""
+        h, aux = self(tokens, positions, segment_ids, logits=False)
+        h_last = jnp.take_along_axis(h, last[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, d_model]
+        with jax.named_scope("score_head"):
+            return jnp.dot(h_last.astype(jnp.float32), self.score_head[...]), aux
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[B, S] int -> [B, S, d_model] in the compute dtype."""

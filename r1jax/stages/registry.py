@@ -17,6 +17,7 @@ from r1jax.stages.eval import run_eval_stage
 from r1jax.stages.grpo import run_grpo
 from r1jax.stages.rejection import run_rejection_stage
 from r1jax.stages.result import StageResult
+from r1jax.stages.reward_model import run_reward_model
 from r1jax.stages.sft import run_sft
 
 
@@ -106,6 +107,8 @@ STAGES: dict[str, StageKind] = {k.name: k for k in (
               ("data", "rejection", "sampling"), "sampling", _rejection_lines, _rejection_figures, trains=False),
     StageKind("distill", run_distill, "distillation into a student: sequence-level (SFT on samples) or logits",
               ("train", "optimizer", "data", "distill"), "train", _training_lines("loss"), _loss_figures),
+    StageKind("rm", run_reward_model, "reward-model stage: Bradley-Terry on preference pairs (resumes)",
+              ("train", "optimizer", "data", "rm"), "train", _training_lines("loss"), _loss_figures),
     StageKind("eval", run_eval_stage, "pass@1 over k samples, cons@k, greedy on held-out / GSM8K / MATH-500 / AIME",
               ("eval", "sampling"), "sampling", _eval_lines, _eval_figures, trains=False),
 )}

@@ -12,6 +12,7 @@ A stage starts in one of three ways, decided in this order:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import tempfile
@@ -63,12 +64,30 @@ def _unverified(directory) -> str:
     return "" if sealed(directory) else " (unverified: it has no integrity manifest)"
 
 
+def _saved_has_score_head(path, step) -> bool:
+    from r1jax.checkpoint import load_model_config
+
+    if step is None:
+        return load_model_config(path).score_head
+    saved = RunCheckpointer(path, every=1, keep=1, async_save=False, read_only=True).saved_config(step)
+    return bool((saved.get("model") or {}).get("score_head", False))
+
+
 def _handoff_params(cfg: Config, ctx: StepContext, mesh) -> tuple[nnx.State, nnx.State, dict[str, bytes] | None]:
     """Params + router biases (+ tokenizer files) of the earlier stage named by checkpoint.init_from:
     a params checkpoint, or a run's newest step (or the step <run>/<step> names), verified. The one
     used is named in the log; a damaged one is refused in one line that names the newest intact
-    step there, never replaced by it unasked."""
+    step there, never replaced by it unasked. A model with a score head (a reward model) starting
+    from a checkpoint without one (a policy) takes the checkpoint's decoder and a fresh head."""
     path, step = find_stage_checkpoint(cfg.checkpoint.init_from)
+    if cfg.model.score_head and not _saved_has_score_head(path, step):
+        base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, score_head=False))
+        params, bias, files = _handoff_params(base, make_context(base), mesh)
+        from r1jax.models import init_model
+
+        _, init, _ = split_model(nnx.merge(*init_model(cfg.model, jax.random.key(cfg.train.seed), mesh)))
+        _log("checkpoint.init_from: the score head (model.score_head) starts fresh; the decoder is the checkpoint's")
+        return nnx.merge_state(init, params), bias, files
     if step is None:  # a params checkpoint (e.g. converted from HF)
         _, _, state = restore_params(path, cfg.model, mesh)
         _, params, bias = split_model(nnx.merge(ctx.graphdef, state))

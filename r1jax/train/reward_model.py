@@ -1,0 +1,73 @@
+"""Reward models: a decoder with a scalar head (model.score_head), trained with the Bradley-Terry
+loss on preference pairs (R1 section 2.3.4 scores general prompts with such models).
+
+For a pair (chosen c, rejected r) of responses to one prompt, with scores r_c, r_r read at each
+response's eos (`Transformer.score`):
+
+    loss = mean over pairs of -log sigmoid(r_c - r_r - m)
+
+(Bradley and Terry 1952; InstructGPT, Ouyang et al. 2022, eq. 1), m the pair's margin (Llama 2,
+Touvron et al. 2023, eq. 2: a larger required gap for clearer preferences; rm.margin + the pair's
+own "margin"; 0 is the plain loss). Pure functions over the shared train state; the update is
+the shared one (train/update.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from r1jax.sharding import constrain
+from r1jax.train.state import StepContext, TrainState
+from r1jax.train.update import accumulate_gradients, apply_gradients, balance_term
+
+
+def bradley_terry_loss(chosen: jax.Array, rejected: jax.Array, margin: jax.Array | float = 0.0) -> jax.Array:
+    """Per-pair -log sigmoid(chosen - rejected - margin), float32 [B]."""
+    return -jax.nn.log_sigmoid(chosen.astype(jnp.float32) - rejected.astype(jnp.float32) - margin)
+
+
+def pair_scores(model, batch: dict) -> tuple[jax.Array, jax.Array, dict]:
+    """(chosen scores [B], rejected scores [B], the forward's aux) of a batch of PAIR_KEYS, both sides
+    in one forward of 2B rows."""
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+    segments = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]])
+    last = jnp.concatenate([batch["chosen_last"], batch["rejected_last"]])
+    scores, aux = model.score(tokens, last, None, segments)
+    b = batch["chosen_tokens"].shape[0]
+    return scores[:b], scores[b:], aux
+
+
+def _objective(params, bias, batch, norm, *, ctx: StepContext):
+    """Summed BT loss of one microbatch over the whole batch's pair count (so microbatches add up),
+    plus the MoE balance term; stats that add up over microbatches."""
+    model = nnx.merge(ctx.graphdef, params, bias)
+    chosen, rejected, aux = pair_scores(model, batch)
+    per_pair = bradley_terry_loss(chosen, rejected, batch["margin"] + (ctx.loss or 0.0))
+    objective = jnp.sum(per_pair) / norm["pairs"]
+    gap = chosen - rejected
+    stats = {"pairs_right": jnp.sum((gap > 0).astype(jnp.float32)), "gap_sum": jnp.sum(gap),
+             "chosen_sum": jnp.sum(chosen), "rejected_sum": jnp.sum(rejected)}
+    if ctx.model.is_moe:
+        term, more = balance_term(aux, ctx.balance_loss_coef, norm["micro"])
+        objective = objective + term
+        stats.update(more)
+    return objective, stats
+
+
+def reward_model_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContext) -> tuple[TrainState, dict]:
+    """One optimizer step of the reward model on a batch of pairs (data/preferences.py PAIR_KEYS),
+    over ctx.grad_accum microbatches. ctx.loss is the constant margin (rm.margin). `rng` unused.
+    Metrics: loss (mean BT loss), accuracy (share of pairs with r_c > r_r), reward_gap (mean
+    r_c - r_r), chosen_score, rejected_score, grad_norm, lr (+ MoE balance metrics)."""
+    del rng
+    batch = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
+    n = batch["margin"].shape[0]
+    norm = {"pairs": float(n), "micro": float(ctx.grad_accum)}
+    grads, totals = accumulate_gradients(lambda p, mb: _objective(p, state.router_bias, mb, norm, ctx=ctx),
+                                         state.params, batch, ctx.grad_accum)
+    new_state, metrics = apply_gradients(state, grads, totals, ctx=ctx)
+    metrics.update(loss=totals["objective"], accuracy=totals["pairs_right"] / n, reward_gap=totals["gap_sum"] / n,
+                   chosen_score=totals["chosen_sum"] / n, rejected_score=totals["rejected_sum"] / n)
+    return new_state, metrics
