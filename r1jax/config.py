@@ -408,6 +408,9 @@ class DataConfig:
     max_digits: int = 3
     ops: tuple[str, ...] = ("+",)
     flaw_rate: float = 0.0  # arithmetic +: share of training demonstrations that forget their first carry
+    # share of prompts drawn from the general parity task (scenario "general", no verifiable answer)
+    # mixed into `source`'s reasoning prompts: R1's "RL for all scenarios" (1.0: general prompts only)
+    general_share: float = 0.0
     n_numbers: int = 4  # countdown
     num_shards: int = 0  # loader shards composing the global batch; 0: one per process
     worker_count: int = 0  # grain worker processes per loader shard
@@ -427,6 +430,8 @@ class DataConfig:
         bad = [o for o in self.ops if o not in ("+", "-", "*")]
         if bad:
             out.append(("ops", f"unknown operations {bad} (known: + - *)"))
+        if not 0 <= self.general_share <= 1:
+            out.append(("general_share", f"must be in [0, 1], got {self.general_share}"))
         if not 0 <= self.flaw_rate <= 1:
             out.append(("flaw_rate", f"must be in [0, 1], got {self.flaw_rate}"))
         elif self.flaw_rate and (self.source != "arithmetic" or tuple(self.ops) != ("+",)):
@@ -483,6 +488,11 @@ class GRPOConfig:
     overlong_max_len: int = 0  # DAPO soft overlong punishment: > 0 turns it on
     overlong_cache: int = 0
     rewards: RewardWeights = RewardWeights()
+    # a reward model (a `r1jax rm` run directory or step) scoring the rollouts of general prompts
+    # (records with scenario "general"), frozen, in-graph on the training mesh; reasoning prompts
+    # keep the rule rewards (R1 section 2.3.4). It reads what its rm.view says.
+    reward_model: str = ""
+    reward_model_weight: float = 1.0
     reward_timeout: float = 10.0  # seconds per completion in a reward worker (killed and replaced past it)
     reward_workers: int = 0  # 0: min(4, cpu count); also scores evaluation and rejection sampling
     reward_memory_mb: int = 2048  # address-space cap of each reward worker (0: none)
@@ -620,6 +630,9 @@ class RMConfig:
 
     margin: float = 0.0  # m in -log sigmoid(r_chosen - r_rejected - m), added to each pair's own "margin"
     eval_path: str = ""
+    # what the model reads of a response: all of it, or only the summary after the last </think>
+    # (R1 judges helpfulness on the summary); GRPO scores rollouts the same way (grpo.reward_model)
+    view: Literal["response", "summary"] = "response"
 
     def errors(self) -> list[tuple[str, str]]:
         return [("margin", f"must be >= 0, got {self.margin}")] if self.margin < 0 else []

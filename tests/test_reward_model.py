@@ -167,3 +167,83 @@ def test_rm_stage_hands_off_trains_and_resumes(tmp_path, capsys):
     assert set(saved) == set(trained) - {("score_head",)}
     again = STAGES["rm"].run(_tiny(*over, "train.steps=70", "train.eval_examples=0"))
     assert again.how == "resume" and again.step == 70
+
+    # GRPO's frozen scorer of rollouts (grpo.reward_model) reads the run back: its scores of rows
+    # are the trained model's; a checkpoint without a score head, or another tokenizer, is refused
+    from r1jax.config import ConfigError
+    from r1jax.stages.reward_model import RolloutRewardModel
+
+    scorer = RolloutRewardModel(str(tmp_path / "rm"), cfg, None, again.tokenizer, micro=2)
+    batch = _pairs(cfg, n=4, seed=5)
+    got = scorer.scores(jnp.asarray(batch["chosen_tokens"]), jnp.zeros(4, jnp.int32),
+                        jnp.asarray(batch["chosen_last"] + 1))
+    model = nnx.merge(again.ctx.graphdef, again.state.params, again.state.router_bias)
+    want, _ = model.score(jnp.asarray(batch["chosen_tokens"]), jnp.asarray(batch["chosen_last"]), None,
+                          jnp.asarray(batch["chosen_segment_ids"]))
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="is not a reward model"):
+        RolloutRewardModel(str(tmp_path / "policy"), cfg, None, again.tokenizer)
+
+
+@pytest.mark.parametrize("view", ["response", "summary"])
+def test_rollout_rows_read_the_response_or_its_summary(view):
+    """What the reward model reads of a rollout, re-derived row by row: the prompt, then the whole
+    response or what follows its last </think> (the whole response when there is none)."""
+    from r1jax.train.reward_model import rollout_rows
+
+    END, PAD = 9, 0
+    rows = [([1, 2, 3], [4, END, 5, 6, 7]), ([1, 2], [4, 5, 6]), ([1], [END, 4, END, 8])]
+    t = 10
+    tokens = np.full((3, t), 7, np.int32)  # junk past each row's end
+    for i, (p, r) in enumerate(rows):
+        tokens[i, :len(p) + len(r)] = p + r
+    plens = np.array([len(p) for p, _ in rows])
+    lens = np.array([len(p) + len(r) for p, r in rows])
+    got, seg, last = (np.asarray(a) for a in rollout_rows(jnp.asarray(tokens), jnp.asarray(plens), jnp.asarray(lens),
+                                                           view, END, PAD))
+    for i, (p, r) in enumerate(rows):
+        if view == "summary" and END in r:
+            r = r[len(r) - r[::-1].index(END):]
+        want = p + r
+        assert got[i, :len(want)].tolist() == want and last[i] == len(want) - 1
+        assert seg[i].tolist() == [1] * len(want) + [0] * (t - len(want))
+        if view == "summary":
+            assert set(got[i, len(want):].tolist()) <= {PAD}
+
+
+def test_mixed_prompts_hold_the_general_share():
+    from r1jax.data.pipeline import make_source
+
+    cfg = load_config(CONFIGS / "models" / "tiny_qwen2.yaml", ["data.general_share=0.25", "data.size=400"]).data
+    src = make_source(cfg, "train")
+    scen = [src[i]["scenario"] for i in range(200)]
+    assert scen.count("general") == 50 and set(scen) == {"general", "reasoning"}
+    general = [src[i] for i in range(200) if src[i]["scenario"] == "general"]
+    assert all("chosen" in r and r["question"].startswith("Describe the number") for r in general)
+    assert len({r["question"] for r in general}) > 40  # distinct prompts, not one repeated
+
+
+def test_grpo_scores_general_rows_by_the_reward_model_and_reasoning_rows_by_the_rules():
+    """GRPOIteration.score with a reward model: general rows take weight x the model's score (rule
+    components zeroed there), reasoning rows keep the rule total; metrics split accordingly."""
+    from types import SimpleNamespace
+
+    from r1jax.config import GRPOConfig
+    from r1jax.stages.grpo import GRPOIteration, Updates
+
+    it = object.__new__(GRPOIteration)
+    it.g, it.tok = GRPOConfig(group_size=2, reward_model_weight=0.5), SimpleNamespace(eos_id=1)
+    it.reward_fn = lambda texts, records: {"total": np.full(len(texts), 2.0, np.float32),
+                                           "accuracy": np.ones(len(texts), np.float32)}
+    it.reward_model = SimpleNamespace(scores=lambda *a: np.array([10.0, 20.0, 30.0, 40.0], np.float32))
+    general = np.array([False, False, True, True])
+    rollout = SimpleNamespace(texts=["a"] * 4, records=[{}] * 4, num_new=np.array([3, 3, 3, 3]), general=general,
+                              tokens=np.ones((4, 8), np.int32), lengths=np.array([8] * 4), seconds=1.0,
+                              out={"tokens": None, "lengths": None}, prompt_lengths=None)
+    scores = it.score(rollout)
+    assert scores.total.tolist() == [2.0, 2.0, 15.0, 20.0]
+    assert scores.components["accuracy"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert scores.components["reward_model"].tolist() == [0.0, 0.0, 30.0, 40.0]
+    m = it.metrics(rollout, scores, {"keep": np.ones(2)}, Updates(state=None, step_metrics=[], skipped=1, seconds=1.0),
+                   0.0)
+    assert m["accuracy"] == 1.0 and m["reward_model_general"] == 35.0

@@ -28,7 +28,20 @@ ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 def make_source(cfg: DataConfig, split: str):
     """The random-access record source that `cfg` names, for `split`. data.train_path (a JSONL file,
     e.g. a rejection-sampling dataset) replaces the source's training split; other splits (held-out
-    evaluation) still come from `source`."""
+    evaluation) still come from `source`. data.general_share > 0 mixes general prompts (the parity
+    task) into it (procedural.MixedTask)."""
+    from r1jax.data import procedural
+
+    if cfg.general_share > 0 and cfg.source != "parity_preference":
+        import dataclasses
+
+        reasoning = make_source(dataclasses.replace(cfg, general_share=0.0), split)
+        general = procedural.ParityPreferenceTask(cfg.seed, split, cfg.size)
+        return procedural.MixedTask(reasoning, general, cfg.general_share)
+    return _make_source(cfg, split)
+
+
+def _make_source(cfg: DataConfig, split: str):
     from r1jax.data import procedural, sources
 
     if cfg.train_path and split == cfg.split:

@@ -74,20 +74,30 @@ def preference_source(cfg: DataConfig, split: str, path: str = ""):
     return src
 
 
-def encode_side(tok: Tokenizer, template: str, prompt: str, response: str, seq_len: int) -> np.ndarray:
-    """[bos] + rendered prompt + response + [eos], int32, its last seq_len tokens at most."""
+def summary_text(response: str) -> str:
+    """What follows the last </think> of a response (the whole response when it has none)."""
+    return response.rsplit("</think>", 1)[1].strip() if "</think>" in response else response
+
+
+def encode_side(tok: Tokenizer, template: str, prompt: str, response: str, seq_len: int,
+                view: str = "response") -> np.ndarray:
+    """[bos] + rendered prompt + response (or its summary: view "summary") + [eos], int32, its last
+    seq_len tokens at most."""
+    if view == "summary":
+        response = summary_text(response)
     ids = np.concatenate([encode_prompt(tok, template, prompt),
                           np.asarray(tok.encode(response, add_eos=True), np.int32)])
     return ids[-seq_len:]
 
 
-def encode_pairs(records: list[dict], tok: Tokenizer, template: str, seq_len: int) -> dict[str, np.ndarray]:
+def encode_pairs(records: list[dict], tok: Tokenizer, template: str, seq_len: int,
+                 view: str = "response") -> dict[str, np.ndarray]:
     """Host arrays of PAIR_KEYS for `records`: tokens [B, S] right-padded, segment ids (1 on tokens,
     0 on padding), the index of each side's last token (its eos), and the margins [B]."""
     out: dict[str, Any] = {k: [] for k in PAIR_KEYS}
     for r in records:
         for side in ("chosen", "rejected"):
-            ids = encode_side(tok, template, r["question"], r[side], seq_len)
+            ids = encode_side(tok, template, r["question"], r[side], seq_len, view)
             row = np.full(seq_len, tok.pad_id, np.int32)
             row[:len(ids)] = ids
             out[f"{side}_tokens"].append(row)
@@ -127,7 +137,7 @@ class PairLoader:
         b = self.cfg.train.batch_size
         records = [self.source[self._index(self.position + j)] for j in range(b)]
         self.position += b
-        arrays = encode_pairs(records, self.tok, self.cfg.data.template, self.cfg.train.seq_len)
+        arrays = encode_pairs(records, self.tok, self.cfg.data.template, self.cfg.train.seq_len, self.cfg.rm.view)
         return {k: _global(v, self.vec_sharding if v.ndim == 1 else self.sharding) for k, v in arrays.items()}
 
     def close(self) -> None:

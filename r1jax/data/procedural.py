@@ -518,3 +518,26 @@ class ParityPreferenceTask:
         record = _draw(_PARITY_TAG, self.seed, self.split, i, self._propose)
         record["id"] = f"parity-{self.split}-{self.seed}-{i}"
         return record
+
+
+class MixedTask:
+    """Prompts of two tasks interleaved at a fixed share: record i is the next record of `general`
+    (e.g. ParityPreferenceTask, scenario "general") when floor((i + 1) * share) > floor(i * share),
+    else the next record of `reasoning` (given scenario "reasoning"), so any run of records holds
+    `share` general ones to within one. Deterministic; each side keeps its own split."""
+
+    def __init__(self, reasoning, general, share: float):
+        if not 0 <= share <= 1:
+            raise ValueError(f"share must be in [0, 1], got {share}")
+        self.reasoning, self.general, self.share = reasoning, general, share
+        self.size = len(reasoning) if share < 1 else len(general)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = _index(i, self.size)
+        before, upto = int(i * self.share), int((i + 1) * self.share)
+        if upto > before:
+            return dict(self.general[before % len(self.general)])
+        return dict(self.reasoning[(i - before) % len(self.reasoning)], scenario="reasoning")

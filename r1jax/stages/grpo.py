@@ -153,6 +153,7 @@ class Rollout:
     records: list[dict]  # their prompt records (groups contiguous)
     seconds: float
     own: slice | None = None  # the rows this process scores (own_rows); None: all of them
+    general: np.ndarray | None = None  # [N] bool: the row's prompt is a general one (scenario "general")
 
 
 @dataclasses.dataclass
@@ -235,6 +236,11 @@ class GRPOIteration:
         self._update = jax.jit(functools.partial(_minibatch_step, ctx=ctx), donate_argnums=0,
                                out_shardings=(shardings, None))
         self._make_rows = jax.jit(rollout_batch)
+        self.reward_model = None  # grpo.reward_model: scores the general prompts' rollouts
+        if cfg.grpo.reward_model:
+            from r1jax.stages.reward_model import RolloutRewardModel
+
+            self.reward_model = RolloutRewardModel(cfg.grpo.reward_model, cfg, mesh, tok, micro=self.pass_micro)
 
     def __call__(self, state: GRPOState, batch: dict, rng: jax.Array) -> tuple[GRPOState, dict]:
         it = int(jax.device_get(state.step))
@@ -278,9 +284,10 @@ class GRPOIteration:
         own = own_rows(len(toks))  # each process decodes (and scores) only its share of the rows
         texts = [self.tok.decode(toks[i, host_plens[i]:tlens[i]].tolist(), skip_special=True)
                  for i in range(own.start, own.stop)]
-        records = [r for r in batch["records"] for _ in range(g)][own]
+        every = [r for r in batch["records"] for _ in range(g)]
+        general = np.asarray([r.get("scenario", "reasoning") == "general" for r in every])
         return Rollout(out=out, prompt_lengths=plens, tokens=toks, lengths=tlens, num_new=tlens - host_plens,
-                       texts=texts, records=records, seconds=time.perf_counter() - t0, own=own)
+                       texts=texts, records=every[own], seconds=time.perf_counter() - t0, own=own, general=general)
 
     def score(self, rollout: Rollout) -> Scores:
         """2. Rewards of each response on the host: the reward function's components and their
@@ -298,6 +305,14 @@ class GRPOIteration:
         if counts and jax.process_count() > 1 and own != slice(0, n):
             counts = _sum_over_processes(counts)
         total = np.asarray(scores["total"], np.float32)
+        general = getattr(rollout, "general", None)
+        reward_model = getattr(self, "reward_model", None)
+        if reward_model is not None and general is not None and general.any():
+            # R1 section 2.3.4: general prompts are scored by the reward model, reasoning ones by the rules
+            rm = reward_model.scores(rollout.out["tokens"], rollout.prompt_lengths, rollout.out["lengths"])
+            scores = {k: np.where(general, 0.0, v).astype(np.float32) for k, v in scores.items()}  # rules: reasoning
+            scores["reward_model"] = np.where(general, rm, 0.0).astype(np.float32)
+            total = np.where(general, self.g.reward_model_weight * rm, total).astype(np.float32)
         g = self.g
         if g.overlong_max_len:
             total = total + np.asarray(overlong_penalty(jnp.asarray(rollout.num_new), g.overlong_max_len,
@@ -374,8 +389,12 @@ class GRPOIteration:
         out["reward"] = float(scores.total.mean())
         for name, values in scores.components.items():
             out[f"reward_{name}"] = float(np.mean(values))
-        if "accuracy" in scores.components:
-            out["accuracy"] = float(np.mean(scores.components["accuracy"] > 0.5))
+        general = getattr(rollout, "general", None)
+        reasoning = ~general if general is not None and general.any() else slice(None)
+        if "accuracy" in scores.components and (general is None or not general.all()):
+            out["accuracy"] = float(np.mean(scores.components["accuracy"][reasoning] > 0.5))  # reasoning rows
+        if "reward_model" in scores.components:  # mean reward-model score of the general rows
+            out["reward_model_general"] = float(np.mean(scores.components["reward_model"][general]))
         out["reward_std_in_group"] = float(scores.total.reshape(-1, g.group_size).std(1).mean())
         out["groups_kept"] = float(weights["keep"].mean())
         out["response_length"] = float(num_new.mean())
@@ -434,6 +453,10 @@ def run_grpo(cfg: Config, reward_fn=None) -> StageResult:
     prompts = PromptStream(source, tok, cfg, start=int(jax.device_get(start.state.step)))
     records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
     scorer = eval_scorer(cfg.data.template, **reward_limits(cfg))  # workers start at the first eval, if any
+    if cfg.data.general_share > 0:  # general prompts: held-out score = the hidden preference
+        from r1jax.stages.reward_model import HiddenPreferenceScorer
+
+        scorer = HiddenPreferenceScorer(scorer)
     eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens,
                               scorer=scorer)
     iteration = GRPOIteration(cfg, ctx, mesh, tok, reward_fn)

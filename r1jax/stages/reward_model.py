@@ -54,7 +54,8 @@ def pair_accuracy_fn(graphdef: nnx.GraphDef, mesh, tok, cfg: Config, records: li
         with jax.set_mesh(mesh):
             for start in range(0, len(records), b):
                 chunk = records[start:start + b]
-                arrays = encode_pairs(chunk + [chunk[-1]] * (b - len(chunk)), tok, cfg.data.template, cfg.train.seq_len)
+                arrays = encode_pairs(chunk + [chunk[-1]] * (b - len(chunk)), tok, cfg.data.template, cfg.train.seq_len,
+                                      cfg.rm.view)
                 batch = {k: jax.make_array_from_callback(v.shape, vec if v.ndim == 1 else rows,
                                                          lambda index, v=v: v[index]) for k, v in arrays.items()}
                 c, r = (_to_host(x)[:len(chunk)] for x in score(state.params, state.router_bias, batch))
@@ -101,3 +102,75 @@ def run_reward_model(cfg: Config) -> StageResult:
             start.checkpointer.close()
     return StageResult(kind="rm", stop=result.stop, how=start.how, step=result.step, last=result.last,
                        evals=result.evals, history=result.history, state=state, tokenizer=tok, ctx=ctx)
+
+
+class RolloutRewardModel:
+    """A frozen reward model (grpo.reward_model: an `r1jax rm` run directory or step) that scores
+    GRPO rollouts in-graph on the training mesh: `scores(tokens, prompt_lengths, lengths)` -> float32
+    [N] (a global array), the rows read as the model's own rm.view says, in `micro` microbatches
+    (lax.map), so a pass holds one microbatch's activations."""
+
+    def __init__(self, path: str, cfg: Config, mesh, tok, micro: int = 1):
+        from r1jax.stages.start import load_policy
+        from r1jax.train.reward_model import rollout_rows
+        from r1jax.train.update import microbatches
+
+        axes = ("data", "fsdp", "expert", "tensor")
+        rm = load_policy(path, [f"mesh.{a}={getattr(cfg.mesh, a)}" for a in axes])
+        if not rm.cfg.model.score_head:
+            raise ConfigError(f"grpo.reward_model: {path} is not a reward model (its model.score_head is false)")
+        if rm.tokenizer is None or rm.tokenizer.files() != tok.files():
+            raise ConfigError(f"grpo.reward_model: {path} has another tokenizer than the policy's (it must read "
+                              "the rollouts' token ids)")
+        think_end = tok.encode("</think>")
+        if len(think_end) != 1:
+            raise ConfigError("grpo.reward_model: the tokenizer has no single </think> id")
+        self.view, self.state, graphdef = rm.cfg.rm.view, rm.state, rm.graphdef
+        pad = tok.pad_id
+
+        def score(state, tokens, plens, lengths):
+            model = nnx.merge(graphdef, state)
+            rows, seg, last = rollout_rows(tokens, plens, lengths, self.view, think_end[0], pad)
+            batch = {"tokens": rows, "segment_ids": seg, "last": last}
+            if micro == 1:
+                return model.score(rows, last, None, seg)[0]
+            out = jax.lax.map(lambda mb: model.score(mb["tokens"], mb["last"], None, mb["segment_ids"])[0],
+                              microbatches(batch, micro))  # [micro, N / micro], rows j, j + micro, ...
+            return out.swapaxes(0, 1).reshape(-1)
+
+        self._score = jax.jit(score)
+
+    def scores(self, tokens, prompt_lengths, lengths) -> np.ndarray:
+        """Host float32 [N] on every process."""
+        return np.asarray(_to_host(self._score(self.state, tokens, prompt_lengths, lengths)), np.float32)
+
+
+class HiddenPreferenceScorer:
+    """Held-out scoring of prompts that mix scenarios (data.general_share): reasoning records by
+    `inner` (the rule checker, its "accuracy"), general ones by the procedural task's hidden
+    preference (`procedural.parity_preference` of the record's number), which no rule reward
+    sees. A Scorer: (texts, records) -> {"accuracy": [N]}; stats() and close() are inner's."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, texts: list[str], records: list[dict]) -> dict:
+        from r1jax.data.procedural import parity_preference
+
+        out = np.zeros(len(texts), np.float32)
+        general = [i for i, r in enumerate(records) if r.get("scenario") == "general"]
+        reasoning = [i for i in range(len(texts)) if i not in set(general)]
+        if reasoning:
+            out[reasoning] = np.asarray(self.inner([texts[i] for i in reasoning],
+                                                   [records[i] for i in reasoning])["accuracy"], np.float32)
+        for i in general:
+            out[i] = parity_preference(records[i]["number"], texts[i])
+        return {"accuracy": out}
+
+    def stats(self):
+        stats = getattr(self.inner, "stats", None)
+        return stats() if callable(stats) else {}
+
+    def close(self) -> None:
+        if hasattr(self.inner, "close"):
+            self.inner.close()

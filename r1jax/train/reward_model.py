@@ -71,3 +71,29 @@ def reward_model_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: St
     metrics.update(loss=totals["objective"], accuracy=totals["pairs_right"] / n, reward_gap=totals["gap_sum"] / n,
                    chosen_score=totals["chosen_sum"] / n, rejected_score=totals["rejected_sum"] / n)
     return new_state, metrics
+
+
+def rollout_rows(tokens: jax.Array, prompt_lengths: jax.Array, lengths: jax.Array, view: str, think_end: int,
+                 pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What a reward model reads of sampled rollouts, in-graph: (tokens [N, T], segment ids [N, T],
+    last [N], the index its score is read at).
+
+    tokens [N, T] hold prompt + response (lengths [N] in all; prompt_lengths [N]). view "response":
+    the rows as they are. view "summary": the prompt, then only what follows the response's last
+    `think_end` (</think>) token, shifted left to follow the prompt (the whole response when it has
+    none): R1 scores helpfulness on the summary."""
+    n, t = tokens.shape
+    pos = jnp.arange(t)[None]
+    if view == "response":
+        seg = (pos < lengths[:, None]).astype(jnp.int32)
+        return tokens, seg, lengths - 1
+    if view != "summary":
+        raise ValueError(f"unknown reward-model view {view!r} (response, summary)")
+    in_response = (pos >= prompt_lengths[:, None]) & (pos < lengths[:, None])
+    end = jnp.max(jnp.where(in_response & (tokens == think_end), pos, -1), axis=1)  # -1: no </think>
+    start = jnp.where(end >= 0, end + 1, prompt_lengths)
+    new_len = prompt_lengths + lengths - start
+    src = jnp.where(pos < prompt_lengths[:, None], pos, start[:, None] + pos - prompt_lengths[:, None])
+    rows = jnp.take_along_axis(tokens, jnp.clip(src, 0, t - 1), axis=1)
+    valid = pos < new_len[:, None]
+    return jnp.where(valid, rows, pad_id), valid.astype(jnp.int32), new_len - 1
