@@ -65,11 +65,7 @@ def _parallel(rest: list[str]) -> list[str]:
     if chosen or any(a in ("--co", "--collect-only") for a in rest):
         return []
     # Each worker is one JAX process with 8 fake CPU devices; more than four buys little and costs memory.
-    # One worker more than cores: many tests wait on subprocesses (multi-process runs, kill-and-resume),
-    # and the extra worker fills that wait. On the 2-core VM (2026-12-03): 2 workers 564 s, 3 workers
-    # 522 s (with 25 more tests), 4 workers 554 s; peak memory under 10 GiB.
-    workers = min(4, (os.cpu_count() or 1) + 1)
-    return ["-n", str(workers), "--dist", "loadfile"]
+    return ["-n", "auto", "--maxprocesses", "4", "--dist", "loadfile"]
 
 
 if __name__ == "__main__":
