@@ -411,6 +411,9 @@ class DataConfig:
     # share of prompts drawn from the general parity task (scenario "general", no verifiable answer)
     # mixed into `source`'s reasoning prompts: R1's "RL for all scenarios" (1.0: general prompts only)
     general_share: float = 0.0
+    # share of the general prompts' demonstrations ("response", what SFT trains on) that state the
+    # wrong parity, or none: an imperfect demonstrator whose preference a reward model can correct
+    general_flaw_rate: float = 0.5
     n_numbers: int = 4  # countdown
     num_shards: int = 0  # loader shards composing the global batch; 0: one per process
     worker_count: int = 0  # grain worker processes per loader shard
@@ -432,6 +435,8 @@ class DataConfig:
             out.append(("ops", f"unknown operations {bad} (known: + - *)"))
         if not 0 <= self.general_share <= 1:
             out.append(("general_share", f"must be in [0, 1], got {self.general_share}"))
+        if not 0 <= self.general_flaw_rate <= 1:
+            out.append(("general_flaw_rate", f"must be in [0, 1], got {self.general_flaw_rate}"))
         if not 0 <= self.flaw_rate <= 1:
             out.append(("flaw_rate", f"must be in [0, 1], got {self.flaw_rate}"))
         elif self.flaw_rate and (self.source != "arithmetic" or tuple(self.ops) != ("+",)):

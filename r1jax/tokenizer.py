@@ -363,15 +363,19 @@ def encode_prompt(tok: Tokenizer, template: str, question: str, *, add_bos: bool
 
 
 def encode_example(
-    tok: Tokenizer, template: str, question: str, reasoning: str, answer: str, *, add_bos: bool = True
+    tok: Tokenizer, template: str, question: str, reasoning: str, answer: str, *, add_bos: bool = True,
+    completion_text: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A supervised example: (ids int32 [n], loss_mask bool [n]).
 
     ids = [bos] + prompt + completion + [eos]; loss_mask is True on the completion and the eos,
     False on bos and prompt. bos is left out when `add_bos` is False or the tokenizer has none.
+    The completion is the template's rendering of reasoning and answer, or `completion_text` as it
+    is (a general prompt's free-form demonstration, which has no <answer>).
     """
     prompt = encode_prompt(tok, template, question, add_bos=add_bos)  # [n_prompt]
-    completion = tok.encode(render_completion(template, reasoning, answer), add_eos=True)
+    text = render_completion(template, reasoning, answer) if completion_text is None else completion_text
+    completion = tok.encode(text, add_eos=True)
     ids = np.concatenate([prompt, np.asarray(completion, np.int32)])  # [n]
     loss_mask = np.arange(len(ids)) >= len(prompt)  # [n]
     return ids, loss_mask

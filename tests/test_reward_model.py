@@ -5,6 +5,7 @@ checkpoint with a fresh head, held-out pair accuracy, resume)."""
 
 import functools
 import math
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -247,3 +248,28 @@ def test_grpo_scores_general_rows_by_the_reward_model_and_reasoning_rows_by_the_
     m = it.metrics(rollout, scores, {"keep": np.ones(2)}, Updates(state=None, step_metrics=[], skipped=1, seconds=1.0),
                    0.0)
     assert m["accuracy"] == 1.0 and m["reward_model_general"] == 35.0
+
+
+def test_general_demonstrations_are_trained_as_written_and_half_are_flawed():
+    """SFT on mixed prompts: a general record's completion is its free-text "response" (no
+    <answer> template), and a share general_flaw_rate of those demonstrations miss the hidden
+    preference (wrong parity or none), the rest meet it."""
+    from r1jax.data.pipeline import EncodeSFT, make_source
+    from r1jax.data.procedural import parity_preference
+    from r1jax.tokenizer import Tokenizer
+
+    cfg = load_config(CONFIGS / "models" / "tiny_qwen2.yaml",
+                      ["data.general_share=1.0", "data.size=400", "data.general_flaw_rate=0.5",
+                       "data.template=r1"]).data
+    src = make_source(cfg, "train")
+    records = [src[i] for i in range(400)]
+    good = [parity_preference(r["number"], r["response"]) for r in records]
+    assert 0.4 <= 1 - np.mean(good) <= 0.6
+    assert all(r["response"] == r["chosen"] for r, g in zip(records, good) if g)
+    texts = [f"{r['question']} {r['response']}" for r in records[:200]]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Tokenizer.train_sentencepiece(texts, tmp, 300, seed=0)
+        tok = Tokenizer.from_files(tok.files())
+    ex = EncodeSFT(tok, cfg.template, 128).map(records[0])
+    completion = ex["inputs"][ex["loss_mask"]]
+    assert completion[-1] == tok.eos_id and tok.decode(completion[:-1].tolist()) == records[0]["response"]

@@ -36,7 +36,7 @@ def make_source(cfg: DataConfig, split: str):
         import dataclasses
 
         reasoning = make_source(dataclasses.replace(cfg, general_share=0.0), split)
-        general = procedural.ParityPreferenceTask(cfg.seed, split, cfg.size)
+        general = procedural.ParityPreferenceTask(cfg.seed, split, cfg.size, demo_flaw_rate=cfg.general_flaw_rate)
         return procedural.MixedTask(reasoning, general, cfg.general_share)
     return _make_source(cfg, split)
 
@@ -94,8 +94,9 @@ class EncodeSFT(grain.transforms.Map):
         self.tokenizer, self.template, self.seq_len = tokenizer, template, seq_len
 
     def map(self, record: dict) -> dict:
+        # a general prompt's record carries its demonstration as free text ("response")
         ids, mask = encode_example(self.tokenizer, self.template, record["question"], record.get("reasoning", ""),
-                                   stated_answer(record))
+                                   stated_answer(record), completion_text=record.get("response"))
         return {"inputs": ids[:self.seq_len].astype(np.int32), "loss_mask": mask[:self.seq_len].astype(bool)}
 
 

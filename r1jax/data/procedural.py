@@ -494,13 +494,18 @@ class ParityPreferenceTask:
 
     A reward model can learn the preference from pairs (the last digit decides it); the rule
     rewards (accuracy, format) cannot see it. `parity_preference` scores any text by it. Numbers
-    are 1..max_number; the split key is the number. Extras: "number", "scenario": "general", and
-    "answer" / "reasoning" empty (a general prompt has no verifiable answer).
+    are 1..max_number; the split key is the number. Extras: "number", "scenario": "general",
+    "answer" / "reasoning" empty (a general prompt has no verifiable answer), and "response": a
+    demonstration for SFT, by a demonstrator who states the wrong parity or none in a share
+    `demo_flaw_rate` of them (half each), drawn apart from the problem.
     """
 
-    def __init__(self, seed: int, split: str, size: int, max_number: int = 999):
+    def __init__(self, seed: int, split: str, size: int, max_number: int = 999, demo_flaw_rate: float = 0.5):
         _check_common(seed, split, size)
+        if not 0.0 <= demo_flaw_rate <= 1.0:
+            raise ValueError(f"demo_flaw_rate must be in [0, 1], got {demo_flaw_rate}")
         self.seed, self.split, self.size, self.max_number = seed, split, size, max_number
+        self.demo_flaw_rate = demo_flaw_rate
 
     def __len__(self) -> int:
         return self.size
@@ -517,6 +522,12 @@ class ParityPreferenceTask:
         i = _index(i, self.size)
         record = _draw(_PARITY_TAG, self.seed, self.split, i, self._propose)
         record["id"] = f"parity-{self.split}-{self.seed}-{i}"
+        demo = np.random.default_rng([_PARITY_TAG, self.seed, SPLITS.index(self.split), i, 1 << 20])
+        n = record["number"]
+        if demo.random() < self.demo_flaw_rate:
+            record["response"] = parity_summary(n, PARITY_WORDS[1 - n % 2] if demo.random() < 0.5 else None)
+        else:
+            record["response"] = record["chosen"]
         return record
 
 

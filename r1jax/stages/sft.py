@@ -44,6 +44,10 @@ def run_sft(cfg: Config, step_builder: StepBuilder | None = None, kind: str = "s
         step_fn = step_builder(ctx, mesh, tok, shardings, batch_sharding(mesh))
     records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
     scorer = eval_scorer(cfg.data.template, **reward_limits(cfg))  # workers start at the first eval, if any
+    if cfg.data.general_share > 0:  # general prompts: held-out score = the hidden preference
+        from r1jax.stages.reward_model import HiddenPreferenceScorer
+
+        scorer = HiddenPreferenceScorer(scorer)
     eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens,
                               scorer=scorer)
 
