@@ -82,10 +82,6 @@ def use_layout(name: str) -> Iterator[None]:
         _layout.reset(token)
 
 
-def current_layout() -> str:
-    return _layout.get()
-
-
 def logical_to_spec(axes: Sequence[str | None], mesh_shape: dict[str, int] | None = None,
                     shape: Sequence[int] | None = None) -> P:
     """PartitionSpec for logical `axes` under the current layout's rules (RULES unless

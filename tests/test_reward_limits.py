@@ -400,7 +400,8 @@ def test_grpo_score_part_reports_the_reward_functions_counts():
     record = {"id": "math500:1", "question": "q", "answer": "x^{2}+1"}
     texts = [GOOD.replace("7", "1+x^2"), "\\boxed{10^{10^{10^{10}}}}", "x" * 600, GOOD]
     rollout = SimpleNamespace(texts=texts, records=[record] * 4, num_new=np.array([3, 3, 3, 3]),
-                              tokens=np.ones((4, 8), np.int32), lengths=np.array([8, 8, 8, 8]), seconds=1.0)
+                              tokens=np.ones((4, 8), np.int32), lengths=np.array([8, 8, 8, 8]), seconds=1.0,
+                              own=None, general=None)
     updates = Updates(state=None, step_metrics=[], skipped=1, seconds=1.0)
     for expected_refusals in (1, 1):  # per iteration: the second call reports its own counts again
         scores = it.score(rollout)

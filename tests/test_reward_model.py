@@ -238,7 +238,7 @@ def test_grpo_scores_general_rows_by_the_reward_model_and_reasoning_rows_by_the_
                                            "accuracy": np.ones(len(texts), np.float32)}
     it.reward_model = SimpleNamespace(scores=lambda *a: np.array([10.0, 20.0, 30.0, 40.0], np.float32))
     general = np.array([False, False, True, True])
-    rollout = SimpleNamespace(texts=["a"] * 4, records=[{}] * 4, num_new=np.array([3, 3, 3, 3]), general=general,
+    rollout = SimpleNamespace(texts=["a"] * 4, records=[{}] * 4, num_new=np.array([3, 3, 3, 3]), general=general, own=None,
                               tokens=np.ones((4, 8), np.int32), lengths=np.array([8] * 4), seconds=1.0,
                               out={"tokens": None, "lengths": None}, prompt_lengths=None)
     scores = it.score(rollout)

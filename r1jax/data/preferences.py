@@ -140,9 +140,6 @@ class PairLoader:
         arrays = encode_pairs(records, self.tok, self.cfg.data.template, self.cfg.train.seq_len, self.cfg.rm.view)
         return {k: _global(v, self.vec_sharding if v.ndim == 1 else self.sharding) for k, v in arrays.items()}
 
-    def close(self) -> None:
-        pass
-
 
 def _global(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -35,7 +35,7 @@ outputs, independent of ep (the gather dispatch holds ep T tokens and ep N rows)
 XLA:CPU has no ragged all-to-all. `ragged_exchange` lowers `jax.lax.ragged_all_to_all` on every
 other platform and, on CPU, an emulation with the same semantics from `ppermute`: one shift per
 peer, each moving a chunk of min(N, W) rows and their destination rows, scattered in place. Its
-buffers have the real op's shapes, so CPU memory measurements carry over.
+window and row buffers have the real op's shapes; its chunks (up to ep of them live) are extra.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     For each shift s, device i sends device (i + s) % ep the chunk of min(len(operand), len(output))
     rows starting at input_offsets[dst] with the rows of the receiver's output they go to (past
     send_sizes[dst]: out of range, dropped by the scatter). An optimization barrier ties each chunk
-    to the previous scatter, so one chunk is live at a time. recv_sizes is implied by the senders."""
+    to the previous scatter; XLA:CPU still keeps up to ep chunks live (measured in
+    tests/test_moe_dispatch.py; the real op has none). recv_sizes is implied by the senders."""
     del recv_sizes
     m = min(operand.shape[0], output.shape[0])
     me = jax.lax.axis_index(axis_name)

@@ -223,6 +223,8 @@ class GRPOIteration:
     """One GRPO iteration as the loop's step function: (GRPOState, prompt batch, rng) -> (GRPOState,
     metrics). Rollout, log-prob passes and updates are compiled; scoring runs on the host."""
 
+    reward_model = None  # grpo.reward_model's RolloutRewardModel: scores the general prompts' rollouts
+
     def __init__(self, cfg: Config, ctx: StepContext, mesh, tok: Tokenizer, reward_fn):
         self.ctx, self.cfg, self.g, self.s, self.mesh, self.tok = ctx, cfg, cfg.grpo, cfg.sampling, mesh, tok
         self.reward_fn = reward_fn
@@ -236,7 +238,6 @@ class GRPOIteration:
         self._update = jax.jit(functools.partial(_minibatch_step, ctx=ctx), donate_argnums=0,
                                out_shardings=(shardings, None))
         self._make_rows = jax.jit(rollout_batch)
-        self.reward_model = None  # grpo.reward_model: scores the general prompts' rollouts
         if cfg.grpo.reward_model:
             from r1jax.stages.reward_model import RolloutRewardModel
 
@@ -300,13 +301,12 @@ class GRPOIteration:
         scores = self.reward_fn(rollout.texts, rollout.records)
         counts = stats_delta(before, stats()) if before is not None else None
         n = len(rollout.tokens)
-        own = getattr(rollout, "own", None) or slice(0, n)
+        own = rollout.own or slice(0, n)
         scores = {k: gather_rows(np.asarray(v, np.float32), own, n) for k, v in scores.items()}
         if counts and jax.process_count() > 1 and own != slice(0, n):
             counts = _sum_over_processes(counts)
         total = np.asarray(scores["total"], np.float32)
-        general = getattr(rollout, "general", None)
-        reward_model = getattr(self, "reward_model", None)
+        general, reward_model = rollout.general, self.reward_model
         if reward_model is not None and general is not None and general.any():
             # R1 section 2.3.4: general prompts are scored by the reward model, reasoning ones by the rules
             rm = reward_model.scores(rollout.out["tokens"], rollout.prompt_lengths, rollout.out["lengths"])
@@ -389,7 +389,7 @@ class GRPOIteration:
         out["reward"] = float(scores.total.mean())
         for name, values in scores.components.items():
             out[f"reward_{name}"] = float(np.mean(values))
-        general = getattr(rollout, "general", None)
+        general = rollout.general
         reasoning = ~general if general is not None and general.any() else slice(None)
         if "accuracy" in scores.components and (general is None or not general.all()):
             out["accuracy"] = float(np.mean(scores.components["accuracy"][reasoning] > 0.5))  # reasoning rows
@@ -427,6 +427,17 @@ def reward_limits(cfg: Config) -> dict:
             "memory_mb": g.reward_memory_mb, "max_chars": g.reward_max_chars}
 
 
+def heldout_scorer(cfg: Config):
+    """The held-out evaluation's scorer: the rule checker in reward workers (eval_scorer, the grpo
+    section's limits); with data.general_share, general prompts scored by their hidden preference."""
+    scorer = eval_scorer(cfg.data.template, **reward_limits(cfg))  # workers start at the first eval, if any
+    if cfg.data.general_share > 0:
+        from r1jax.stages.reward_model import HiddenPreferenceScorer
+
+        scorer = HiddenPreferenceScorer(scorer)
+    return scorer
+
+
 def make_reward_fn(cfg: Config) -> RewardFn:
     return RewardFn(dataclasses.asdict(cfg.grpo.rewards), template=cfg.data.template, **reward_limits(cfg))
 
@@ -452,11 +463,7 @@ def run_grpo(cfg: Config, reward_fn=None) -> StageResult:
     reward_fn = reward_fn or make_reward_fn(cfg)
     prompts = PromptStream(source, tok, cfg, start=int(jax.device_get(start.state.step)))
     records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
-    scorer = eval_scorer(cfg.data.template, **reward_limits(cfg))  # workers start at the first eval, if any
-    if cfg.data.general_share > 0:  # general prompts: held-out score = the hidden preference
-        from r1jax.stages.reward_model import HiddenPreferenceScorer
-
-        scorer = HiddenPreferenceScorer(scorer)
+    scorer = heldout_scorer(cfg)
     eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens,
                               scorer=scorer)
     iteration = GRPOIteration(cfg, ctx, mesh, tok, reward_fn)

@@ -97,7 +97,6 @@ def run_reward_model(cfg: Config) -> StageResult:
                                      eval_fn=eval_fn, eval_every=cfg.train.eval_every, shown=("accuracy",),
                                      tokens_of=tokens_of)
     finally:
-        loader.close()
         if start.checkpointer is not None:
             start.checkpointer.close()
     return StageResult(kind="rm", stop=result.stop, how=start.how, step=result.step, last=result.last,

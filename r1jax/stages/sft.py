@@ -13,9 +13,9 @@ import jax
 
 from r1jax.config import Config
 from r1jax.data.pipeline import GlobalBatchLoader, heldout, make_source
-from r1jax.evaluate import eval_scorer, heldout_eval_fn
+from r1jax.evaluate import heldout_eval_fn
 from r1jax.sharding import batch_sharding
-from r1jax.stages.grpo import reward_limits
+from r1jax.stages.grpo import heldout_scorer
 from r1jax.stages.loop import run_loop
 from r1jax.stages.result import StageResult
 from r1jax.stages.start import start_stage
@@ -43,11 +43,7 @@ def run_sft(cfg: Config, step_builder: StepBuilder | None = None, kind: str = "s
     else:
         step_fn = step_builder(ctx, mesh, tok, shardings, batch_sharding(mesh))
     records = heldout(cfg.data, cfg.train.eval_examples) if cfg.train.eval_examples else []
-    scorer = eval_scorer(cfg.data.template, **reward_limits(cfg))  # workers start at the first eval, if any
-    if cfg.data.general_share > 0:  # general prompts: held-out score = the hidden preference
-        from r1jax.stages.reward_model import HiddenPreferenceScorer
-
-        scorer = HiddenPreferenceScorer(scorer)
+    scorer = heldout_scorer(cfg)
     eval_fn = heldout_eval_fn(ctx.graphdef, mesh, tok, cfg.data.template, records, cfg.train.eval_max_new_tokens,
                               scorer=scorer)
 

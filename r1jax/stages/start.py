@@ -73,6 +73,20 @@ def _saved_has_score_head(path, step) -> bool:
     return bool((saved.get("model") or {}).get("score_head", False))
 
 
+def _fresh_score_head(cfg: Config, mesh) -> nnx.State:
+    """Just the score head of a new reward model (normal(0, init_std), as init_model draws it),
+    sharded as the run shards it: no second copy of the decoder is made."""
+    from r1jax.models.transformer import abstract_model
+    from r1jax.sharding import state_shardings
+
+    _, abstract, _ = split_model(abstract_model(cfg.model))
+    head = nnx.State({"score_head": abstract["score_head"]})
+    sharding = state_shardings(head, mesh)["score_head"].get_value()
+    shape = head["score_head"].get_value().shape
+    value = jax.random.normal(jax.random.key(cfg.train.seed), shape, jnp.float32) * cfg.model.init_std
+    return nnx.State({"score_head": head["score_head"].replace(jax.device_put(value, sharding))})
+
+
 def _handoff_params(cfg: Config, ctx: StepContext, mesh) -> tuple[nnx.State, nnx.State, dict[str, bytes] | None]:
     """Params + router biases (+ tokenizer files) of the earlier stage named by checkpoint.init_from:
     a params checkpoint, or a run's newest step (or the step <run>/<step> names), verified. The one
@@ -83,11 +97,8 @@ def _handoff_params(cfg: Config, ctx: StepContext, mesh) -> tuple[nnx.State, nnx
     if cfg.model.score_head and not _saved_has_score_head(path, step):
         base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, score_head=False))
         params, bias, files = _handoff_params(base, make_context(base), mesh)
-        from r1jax.models import init_model
-
-        _, init, _ = split_model(nnx.merge(*init_model(cfg.model, jax.random.key(cfg.train.seed), mesh)))
         _log("checkpoint.init_from: the score head (model.score_head) starts fresh; the decoder is the checkpoint's")
-        return nnx.merge_state(init, params), bias, files
+        return nnx.merge_state(params, _fresh_score_head(cfg, mesh)), bias, files
     if step is None:  # a params checkpoint (e.g. converted from HF)
         _, _, state = restore_params(path, cfg.model, mesh)
         _, params, bias = split_model(nnx.merge(ctx.graphdef, state))
