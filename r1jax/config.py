@@ -490,6 +490,10 @@ class GRPOConfig:
     # sequences with w outside [1/cap, cap] masked out (token_mask / sequence_mask)
     mismatch: Literal["off", "tis", "token_mask", "sequence_mask"] = "off"
     mismatch_cap: float = 2.0
+    # routing replay (MoE): "rollout" records the experts the sampler selected per token and MoE
+    # layer and makes the log-prob passes and updates select the same ones (gate weights still
+    # from the current router, so it learns); "off": every forward routes by itself
+    routing_replay: Literal["off", "rollout"] = "off"
     overlong_max_len: int = 0  # DAPO soft overlong punishment: > 0 turns it on
     overlong_cache: int = 0
     rewards: RewardWeights = RewardWeights()

@@ -38,13 +38,14 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from r1jax.config import Config, ConfigError, ModelConfig, build, load_config, mesh_model_errors
 from r1jax.models.dispatch import window_rows
-from r1jax.models.moe import dispatch_path, token_chunks
+from r1jax.models.moe import dispatch_path, route_dtype, token_chunks
 from r1jax.models.transformer import abstract_model
 from r1jax.sharding import BATCH_AXES, MESH_AXES, bytes_per_device, logical_to_spec, use_layout
 from r1jax.stages.registry import STAGES
@@ -566,19 +567,28 @@ def _grpo_phases(cfg: Config, sizes: dict[str, int], grads: Item) -> list[Phase]
                         "the params resharded once for decoding (sampling.decode_layout: d_model not split over "
                         "fsdp/expert, so no weight all-gather per token); dropped after the rollout")
             rollout = dataclasses.replace(rollout, items=(copy, *rollout.items))
+    replay = []
+    if g.routing_replay != "off" and m.n_moe_layers:  # sampling.generate(record_routes=True): kept to the updates
+        dt = jnp.dtype(route_dtype(m.n_routed_experts))
+        k = m.num_experts_per_tok
+        replay = [Item("recorded routes", r * s * m.n_moe_layers * k * dt.itemsize,
+                       f"[{r}, {s}, {m.n_moe_layers}, {k}] {dt.name}: the experts the sampler selected per token "
+                       f"and MoE layer (grpo.routing_replay), kept from the rollout to the last update")]
+        rollout = dataclasses.replace(rollout, items=(*rollout.items, *replay))
     passes = "pi_old and pi_ref, one after the other" if g.beta > 0 else "pi_old"
     n_pass = g.minibatches * cfg.train.grad_accum  # GRPOIteration.pass_micro
     pass_rows = rows // n_pass
     outputs = (2 if g.beta > 0 else 1) * r * s * 4
     logprob = Phase(f"log-prob pass ({passes}; {n_pass} microbatches of {pass_rows} sequences, "
                     f"{rows_per_device(pass_rows, sizes)} per device; packed by length: at most this)",
-                    (Item("log-probs", outputs, f"[{r}, {s}] float32 per pass"),
+                    (Item("log-probs", outputs, f"[{r}, {s}] float32 per pass"), *replay,
                      *_layer_buffers(m, sizes, pass_rows, s, backward=False),
                      _logits(m, sizes, pass_rows, s, False, "and their log-softmax")))
     arrays = Item("rollout batch arrays", 7 * r * s * 4, f"7 x [{r}, {s}] (tokens, targets, masks, log-probs)")
     update = Phase(f"update (minibatch of {mb} sequences, {rows_per_device(mb, sizes)} per device; "
                    f"{cfg.train.grad_accum} microbatches)",
-                   (grads, *_accumulator(grads, cfg), arrays, *_train_activations(cfg, sizes, micro, s, with_mtp=False)))
+                   (grads, *_accumulator(grads, cfg), arrays, *replay,
+                    *_train_activations(cfg, sizes, micro, s, with_mtp=False)))
     return [rollout, logprob, update]
 
 

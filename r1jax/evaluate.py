@@ -83,8 +83,10 @@ def greedy_accuracy(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokeniz
     """Greedy-decode each record's prompt; score each batch with `scorer` (default: an `eval_scorer`
     of its own, closed at the end), or, when given, `check(record, completion)` in this process.
     Returns accuracy, count, a few samples and "scoring" (the scorer's `stats` over this call: timeouts,
-    refusals, restarts, ...; None for a check or a scorer without stats). `progress`: a label to show
-    a progress bar under (default: none)."""
+    refusals, restarts, ...; None for a check or a scorer without stats); when the records mix
+    scenarios (data.general_share), also "by_scenario": {scenario: the share scored correct among
+    that scenario's records} (general: the hidden preference met). `progress`: a label to show a
+    progress bar under (default: none)."""
     own = check is None and scorer is None
     scorer = eval_scorer(template) if own else scorer
     try:
@@ -101,6 +103,7 @@ def _greedy_accuracy(graphdef, state, tokenizer, template, records, max_new_toke
     prompts = [encode_prompt(tokenizer, template, r["question"]) for r in records]
     total = max(len(p) for p in prompts) + max_new_tokens
     correct, samples = 0, []
+    hits: dict[str, list[int]] = {}  # scenario -> [correct, count]
     bar = Progress(len(records), progress, "problem", active=None if progress else False)
     for start in range(0, len(records), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -114,12 +117,17 @@ def _greedy_accuracy(graphdef, state, tokenizer, template, records, max_new_toke
         texts = [tokenizer.decode(out[i, lens[i]:new_lens[i]].tolist(), skip_special=True) for i in range(n)]
         for rec, text, ok in zip(recs, texts, _verdicts(recs, texts, check, scorer), strict=True):
             correct += ok
+            tally = hits.setdefault(rec.get("scenario", "reasoning"), [0, 0])
+            tally[0], tally[1] = tally[0] + ok, tally[1] + 1
             if len(samples) < 3:
                 samples.append({"question": rec["question"], "completion": text, "answer": rec["answer"], "correct": ok})
         bar.update(n, {"accuracy": f"{correct / (start + n):.3f}"})
     bar.close()
-    return {"accuracy": correct / max(len(records), 1), "n": len(records), "samples": samples,
-            "scoring": _stats_since(scorer, before) if check is None else None}
+    out = {"accuracy": correct / max(len(records), 1), "n": len(records), "samples": samples,
+           "scoring": _stats_since(scorer, before) if check is None else None}
+    if len(hits) > 1:
+        out["by_scenario"] = {k: c / n for k, (c, n) in sorted(hits.items())}
+    return out
 
 
 def _clip(text: str, limit: int) -> str:
@@ -266,7 +274,8 @@ def heldout_eval_fn(graphdef: nnx.GraphDef, mesh, tokenizer: Tokenizer, template
     router_bias) on `records`, on `mesh`; None when there are no records. Scored by `scorer` (the
     caller closes it), else by `check` in this process, else by an `eval_scorer` this eval_fn starts on
     its first call and keeps (`eval_fn.close()` stops its workers; they also stop with this process).
-    The result: accuracy, n, samples and the scoring counts as ints (scoring_timeouts, scoring_refusals,
+    The result: accuracy, n, samples, with mixed scenarios accuracy_reasoning and accuracy_general
+    (the hidden preference met), and the scoring counts as ints (scoring_timeouts, scoring_refusals,
     scoring_restarts, ...)."""
     if not records:
         return None
@@ -285,7 +294,8 @@ def heldout_eval_fn(graphdef: nnx.GraphDef, mesh, tokenizer: Tokenizer, template
             out = greedy_accuracy(graphdef, model_state, tokenizer, template, records, max_new_tokens, check=check,
                                   scorer=current_scorer())
         counts = {f"scoring_{k}": int(v) for k, v in (out["scoring"] or {}).items() if k not in STAT_MAXIMA}
-        return {"accuracy": float(out["accuracy"]), "n": out["n"], "samples": out["samples"], **counts}
+        scenarios = {f"accuracy_{k}": float(v) for k, v in out.get("by_scenario", {}).items()}
+        return {"accuracy": float(out["accuracy"]), "n": out["n"], "samples": out["samples"], **scenarios, **counts}
 
     def close() -> None:
         while owned:

@@ -12,7 +12,8 @@ A pipeline file names its run directory and lists stages in order; each stage is
       - {name: sft2, kind: sft, config: sft2.yaml, init_from: /ckpt/base, data_from: rejection}
       - {name: student, kind: distill, config: student.yaml, data_from: rejection}
       - {name: eval_student, kind: eval, config: eval.yaml, init_from: student}
-      # optional per stage: teacher_from (distill.mode logits), set: {dotted.key: value, ...}
+      # optional per stage: teacher_from (distill.mode logits), reward_from (an rm stage or
+      # checkpoint: the grpo stage's grpo.reward_model), set: {dotted.key: value, ...}
 
 init_from / teacher_from name an earlier stage (its run directory) or a checkpoint path; data_from
 names an earlier rejection stage, whose dataset becomes the stage's training data (data.train_path;
@@ -42,7 +43,7 @@ from r1jax.config import Config, ConfigError, load_config, read_yaml
 from r1jax.stages.registry import KINDS, STAGES
 from r1jax.stages.result import StageResult, scalars
 
-STAGE_KEYS = ("name", "kind", "config", "init_from", "data_from", "teacher_from", "set")
+STAGE_KEYS = ("name", "kind", "config", "init_from", "data_from", "teacher_from", "reward_from", "set")
 DONE = "stage.json"
 
 
@@ -54,6 +55,7 @@ class StageSpec:
     init_from: str = ""  # an earlier stage's name or a checkpoint path
     data_from: str = ""  # an earlier rejection stage
     teacher_from: str = ""  # an earlier stage or a checkpoint path (distill.mode logits)
+    reward_from: str = ""  # an earlier rm stage or a checkpoint path (a grpo stage's reward model)
     set: tuple[str, ...] = ()  # "dotted.key=value" overrides
 
 
@@ -73,8 +75,9 @@ def _fail(path: Path, where: str, msg: str):
 
 
 def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
-    """Read and check a pipeline file. overrides: "dir=..." or "<stage>.<dotted.key>=value" (added to
-    that stage's `set`)."""
+    """Read and check a pipeline file. overrides: "dir=...", "seed=N" (every stage's data.seed and
+    train.seed: another draw of the data and the initialisation) or "<stage>.<dotted.key>=value"
+    (added to that stage's `set`)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: pipeline file not found")
@@ -85,12 +88,15 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
         if key not in ("name", "dir", "stages"):
             _fail(path, key, "unknown key (known: dir, name, stages)")
     extra: dict[str, list[str]] = {}
+    every: list[str] = []  # overrides of every stage (seed=N)
     for text in overrides:
         key, sep, value = text.partition("=")
         if not sep:
             raise ConfigError(f"override {text!r}: expected key=value")
         if key == "dir":
             tree["dir"] = value
+        elif key == "seed":
+            every += [f"data.seed={value}", f"train.seed={value}"]
         else:
             stage, _, rest = key.partition(".")
             if not rest:
@@ -123,7 +129,7 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
         if not cfg_path.is_file():
             _fail(path, f"{where}.config", f"{cfg_path}: not found")
         earlier = {s.name: s for s in specs}
-        for key in ("init_from", "data_from", "teacher_from"):
+        for key in ("init_from", "data_from", "teacher_from", "reward_from"):
             ref = st.get(key, "")
             if not isinstance(ref, str):
                 _fail(path, f"{where}.{key}", f"expected a stage name or a path, got {ref!r}")
@@ -132,6 +138,10 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
                     _fail(path, f"{where}.data_from", f"{ref!r} is not an earlier stage")
                 if earlier[ref].kind != "rejection":
                     _fail(path, f"{where}.data_from", f"{ref!r} is a {earlier[ref].kind} stage, not rejection")
+            elif key == "reward_from" and ref and st.get("kind") != "grpo":
+                _fail(path, f"{where}.reward_from", f"only a grpo stage takes a reward model, this is {st['kind']}")
+            elif key == "reward_from" and ref in earlier and earlier[ref].kind != "rm":
+                _fail(path, f"{where}.reward_from", f"{ref!r} is a {earlier[ref].kind} stage, not rm")
             elif ref and ref not in earlier and ("/" not in ref and not Path(ref).exists()):
                 _fail(path, f"{where}.{key}", f"{ref!r} is neither an earlier stage nor an existing path")
         sets = st.get("set") or {}
@@ -140,7 +150,7 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
         items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()]
         specs.append(StageSpec(name=name, kind=st["kind"], config=cfg_path, init_from=st.get("init_from", ""),
                                data_from=st.get("data_from", ""), teacher_from=st.get("teacher_from", ""),
-                               set=tuple(items + extra.pop(name, []))))
+                               reward_from=st.get("reward_from", ""), set=tuple(every + items + extra.pop(name, []))))
     if extra:
         raise ConfigError(f"overrides name unknown stages: {', '.join(extra)}")
     return Pipeline(name=str(tree.get("name", path.stem)), dir=Path(tree["dir"]), stages=tuple(specs), source=path)
@@ -164,6 +174,8 @@ def stage_config(pipe: Pipeline, spec: StageSpec) -> Config:
         wiring.append(f"data.train_path={data / 'train.jsonl'}")
         if not spec.init_from:
             wiring.append(f"tokenizer.path={data / 'tokenizer'}")
+    if spec.reward_from:
+        wiring.append(f"grpo.reward_model={_ref(pipe, spec.reward_from)}")
     if spec.kind == "rejection":
         wiring.append("rejection.out=")
     return load_config(spec.config, [*wiring, *spec.set])
@@ -253,14 +265,19 @@ def write_report(pipe: Pipeline, summaries: dict[str, dict]) -> Path:
         s = summaries.get(spec.name)
         start = ", ".join(x for x in (spec.init_from and f"init {spec.init_from}",
                                       spec.data_from and f"data {spec.data_from}",
-                                      spec.teacher_from and f"teacher {spec.teacher_from}") if x) or "scratch"
+                                      spec.teacher_from and f"teacher {spec.teacher_from}",
+                                      spec.reward_from and f"reward model {spec.reward_from}") if x) or "scratch"
         if s is None:
             lines.append(f"| {spec.name} | {spec.kind} | {start} | - | not run yet | - | - |")
             continue
-        acc = heldout_accuracy(s)
-        figures = STAGES[spec.kind].figures(StageResult.from_summary(s))
+        result = StageResult.from_summary(s)
+        acc, parts = result.heldout_accuracy(), result.heldout_by_scenario()
+        shown = "-" if acc is None else f"{acc:.1%}"
+        if parts:
+            shown += " (" + ", ".join(f"{k} {v:.1%}" for k, v in parts.items()) + ")"
+        figures = STAGES[spec.kind].figures(result)
         lines.append(f"| {spec.name} | {spec.kind} | {start} | {s.get('step', '-')} | {figures} | "
-                     f"{'-' if acc is None else f'{acc:.1%}'} | {s.get('seconds', 0):.0f} s |")
+                     f"{shown} | {s.get('seconds', 0):.0f} s |")
     plot = _plot_curves(pipe)
     if plot:
         lines += ["", f"![curves]({plot.name})"]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from r1jax.models.moe import route_dtype
 from r1jax.sharding import state_shardings, use_layout
 
 
@@ -88,19 +89,36 @@ class SamplerState:
     cache: dict  # the model's KV cache (Transformer.init_cache), updated in place
     logprobs: jax.Array  # [N, max_new_tokens] float32: log pi of each generated token
     key: jax.Array  # the sampling key
+    feed_live: jax.Array  # [N] bool: `feed` is a live row's token (its route is recorded)
+    routes: jax.Array | None = None  # [N, T, L_moe, k] (record_routes): experts each fed token selected, -1 unset
 
 
 def _prefill_shared(model, tokens: jax.Array, lengths: jax.Array, width: int, total: int,
-                    samples_per_prompt: int) -> tuple[jax.Array, dict]:
+                    samples_per_prompt: int, record_routes: bool = False):
     """Prefill B prompts tokens [B, >= width] once over their first `width` positions, then give
     each of its G = samples_per_prompt rows a copy: returns (logits [B*G, V], a cache of B*G rows x
-    `total` positions), the rows of one prompt contiguous (row b*G + j is sample j of prompt b)."""
+    `total` positions, and with record_routes the routes buffer [B*G, total, L_moe, k] holding the
+    prompt tokens' experts, -1 elsewhere; else None), the rows of one prompt contiguous (row
+    b*G + j is sample j of prompt b)."""
     g = samples_per_prompt
-    logits, prompt_cache = model.prefill(tokens[:, :width], lengths, model.init_cache(tokens.shape[0], width))
+    prompt_cache = model.init_cache(tokens.shape[0], width)
+    if record_routes:
+        out = model.prefill(tokens[:, :width], lengths, prompt_cache, want_routes=True)
+    else:
+        out = model.prefill(tokens[:, :width], lengths, prompt_cache)
+    logits, prompt_cache = out[:2]
     cache = jax.tree.map(
         lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, jnp.repeat(part, g, axis=1), 0, axis=2),
         model.init_cache(tokens.shape[0] * g, total), prompt_cache)
-    return jnp.repeat(logits, g, axis=0), cache
+    routes = None
+    if record_routes:
+        prompt_routes = out[2]  # [B, width, L, k]
+        dt = route_dtype(model.cfg.n_routed_experts)
+        inside = (jnp.arange(width)[None] < lengths[:, None])[:, :, None, None]
+        prompt_routes = jnp.where(inside, prompt_routes, -1).astype(dt)
+        routes = jnp.full((tokens.shape[0] * g, total, *prompt_routes.shape[2:]), -1, dt)
+        routes = jax.lax.dynamic_update_slice_in_dim(routes, jnp.repeat(prompt_routes, g, axis=0), 0, axis=1)
+    return jnp.repeat(logits, g, axis=0), cache, routes
 
 
 def decode_layout_state(state: nnx.State, mesh) -> nnx.State:
@@ -115,22 +133,24 @@ def decode_layout_state(state: nnx.State, mesh) -> nnx.State:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "stop_ids", "vocab_limit", "samples_per_prompt", "top_p_width",
-                                             "layout"))
+                                             "layout", "record_routes"))
 def generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *,
              max_new_tokens: int, eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), vocab_limit: int = 0, samples_per_prompt: int = 1,
-             top_p_width: int = TOP_P_WIDTH, layout: str = "train") -> dict:
+             top_p_width: int = TOP_P_WIDTH, layout: str = "train", record_routes: bool = False) -> dict:
     """See `_generate`; layout "decode" traces the model under sharding.use_layout("decode") (for
     params from `decode_layout_state`: then no weight is all-gathered per decode step)."""
     with use_layout(layout):
         return _generate(graphdef, state, tokens, lengths, rng, max_new_tokens=max_new_tokens, eos_id=eos_id,
                          temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
-                         vocab_limit=vocab_limit, samples_per_prompt=samples_per_prompt, top_p_width=top_p_width)
+                         vocab_limit=vocab_limit, samples_per_prompt=samples_per_prompt, top_p_width=top_p_width,
+                         record_routes=record_routes)
 
 
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *,
               max_new_tokens: int, eos_id: int, temperature: float, top_k: int, top_p: float,
-              stop_ids: Sequence[int], vocab_limit: int, samples_per_prompt: int, top_p_width: int) -> dict:
+              stop_ids: Sequence[int], vocab_limit: int, samples_per_prompt: int, top_p_width: int,
+              record_routes: bool = False) -> dict:
     """Continue right-padded prompts tokens [B, T] (lengths [B]; T >= max prompt + max_new_tokens:
     only the first T - max_new_tokens positions are prefilled), each G = samples_per_prompt times.
 
@@ -145,19 +165,26 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengt
     position per row and step) and each step's attention reads the cache only up to the longest
     live row, in blocks of model.attention_block positions.
 
+    record_routes (a MoE model; routing replay): also return "routes" [N, T, L_moe, k]
+    (moe.route_dtype), the experts that each token fed to the model selected in each MoE layer:
+    the prompt's (prefill) and every generated token but the last (decode), at the token's
+    position; -1 where no token was fed (padding, a row's last token).
+
     Returns {"tokens" [N, T], "lengths" [N], "logprobs" [N, max_new_tokens] (0 past a row's end),
-    "num_new" [N]}.
+    "num_new" [N]} (+ "routes").
     """
     if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
         raise ValueError(f"generate: samples_per_prompt={samples_per_prompt!r}; need an integer >= 1")
     model = nnx.merge(graphdef, state)
+    if record_routes and not model.cfg.n_moe_layers:
+        raise ValueError("generate: record_routes needs a MoE model (it has no MoE layer)")
     g = samples_per_prompt
     b, t = tokens.shape
     n = b * g
     # Prompts fit in the first T - max_new_tokens positions (the contract above): prefill only those.
     width = t - max_new_tokens if 0 < max_new_tokens < t else t
     with jax.named_scope("prefill"):
-        logits, cache = _prefill_shared(model, tokens, lengths, width, t, g)
+        logits, cache, routes = _prefill_shared(model, tokens, lengths, width, t, g, record_routes)
     tokens, lengths = jnp.repeat(tokens, g, axis=0), jnp.repeat(lengths, g, axis=0)
     stops = jnp.asarray([eos_id, *stop_ids], jnp.int32)
     rows = jnp.arange(n)
@@ -190,20 +217,29 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengt
         done = s.done | (live & jnp.isin(nxt, stops)) | (s.lengths + 1 >= t)
         lens = jnp.where(live, s.lengths + 1, s.lengths)
         return s.replace(i=s.i + 1, tokens=toks, lengths=lens, done=done, feed=nxt, feed_pos=pos, logprobs=logps,
-                         key=key)
+                         key=key, feed_live=live)
 
     def body(s: SamplerState) -> SamplerState:
-        logits, cache = model.decode_step(s.feed, s.feed_pos, s.cache)
-        return emit(s.replace(cache=cache), logits)
+        if not record_routes:
+            logits, cache = model.decode_step(s.feed, s.feed_pos, s.cache)
+            return emit(s.replace(cache=cache), logits)
+        logits, cache, step_routes = model.decode_step(s.feed, s.feed_pos, s.cache, want_routes=True)
+        at = jnp.where(s.feed_live, s.feed_pos, t)  # a finished row's feed is not a token: dropped
+        routes = s.routes.at[rows, at].set(step_routes.astype(s.routes.dtype), mode="drop")
+        return emit(s.replace(cache=cache, routes=routes), logits)
 
     zeros = jnp.zeros((n,), jnp.int32)
     state = SamplerState(i=jnp.int32(0), tokens=tokens, lengths=lengths, done=jnp.zeros((n,), bool), feed=zeros,
-                         feed_pos=zeros, cache=cache, logprobs=jnp.zeros((n, max_new_tokens), jnp.float32), key=rng)
+                         feed_pos=zeros, cache=cache, logprobs=jnp.zeros((n, max_new_tokens), jnp.float32), key=rng,
+                         feed_live=jnp.zeros((n,), bool), routes=routes)
     if max_new_tokens > 0:
         # The first new token comes from the prefill's logits; each loop step then decodes the last
         # token and picks the next, so no step decodes a token whose logits go unused.
         state = emit(state, logits)
     with jax.named_scope("decode"):
         final = jax.lax.while_loop(cond, body, state)
-    return {"tokens": final.tokens, "lengths": final.lengths, "logprobs": final.logprobs,
-            "num_new": final.lengths - lengths}
+    out = {"tokens": final.tokens, "lengths": final.lengths, "logprobs": final.logprobs,
+           "num_new": final.lengths - lengths}
+    if record_routes:
+        out["routes"] = final.routes
+    return out

@@ -114,9 +114,16 @@ def test_dynamic_sampling_drops_uninformative_groups_and_beta_zero_keeps_no_refe
 
 
 def test_reference_refresh_copies_the_policy():
-    out = run_grpo(config("train.steps=2", "grpo.beta=0.04", "grpo.ref_refresh_every=2"), reward_fn=digit_share)
+    """(With routing replay on: the rollouts' routes reach the log-prob passes and the updates: pi_old
+    is the sampler's log-prob, and the metrics say how often the routers disagreed.)"""
+    out = run_grpo(config("train.steps=2", "grpo.beta=0.04", "grpo.ref_refresh_every=2",
+                          "grpo.routing_replay=rollout"), reward_fn=digit_share)
     for a, b in zip(leaves(out.state.ref_params), leaves(out.state.params)):
         np.testing.assert_array_equal(a, b)
+    for h in out.history:
+        assert h["logp_mismatch"] < 1e-4 and h["updates"] == 2
+        # the share of replayed selections that pi_old's router / the updated policy's would change
+        assert 0 <= h["routing_mismatch"] <= 1 and 0 <= h["routing_flips"] <= 1
 
 
 def test_sample_command_reads_the_run(learning_run, capsys, tmp_path):

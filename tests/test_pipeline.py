@@ -5,6 +5,7 @@ uninterrupted run without redoing the finished stages."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +218,34 @@ def test_stage_wiring(tmp_path):
     assert cfgs["eval_student"].checkpoint.init_from == str(run / "student")
     for name, cfg in cfgs.items():
         assert cfg.checkpoint.dir == str(run / name)
+
+
+def test_reward_from_and_seed_wiring(tmp_path):
+    """The main job's last RL stage reads the reward-model stage (grpo.reward_model); `seed=N`
+    gives every stage that data and init seed; a reward model only goes to a grpo stage, from an
+    rm stage."""
+    path = CONFIGS / "tiny_r1" / "pipeline.yaml"
+    pipe = load_pipeline(path, ["seed=5", "dir=/tmp/elsewhere"])
+    cfgs = {s.name: stage_config(pipe, s) for s in pipe.stages}
+    assert cfgs["all_scenarios"].grpo.reward_model == "/tmp/elsewhere/reward_model"
+    assert cfgs["reasoning_rl"].grpo.reward_model == ""
+    assert all(c.data.seed == 5 and c.train.seed == 5 for c in cfgs.values())
+    assert cfgs["cold_start"].data.general_share > 0 and cfgs["all_scenarios"].data.general_share > 0
+    assert cfgs["reasoning_rl"].data.general_share == 0
+    text = path.read_text()
+    bad = {"kind: grpo, config: all_scenarios.yaml, init_from: reasoning_rl, reward_from: reward_model":
+           ("kind: grpo, config: all_scenarios.yaml, init_from: reasoning_rl, reward_from: rejection",
+            r"stage all_scenarios.reward_from: 'rejection' is a rejection stage, not rm"),
+           "config: student.yaml, data_from: rejection}":
+           ("config: student.yaml, data_from: rejection, reward_from: reward_model}",
+            r"stage student.reward_from: only a grpo stage takes a reward model")}
+    for folder in ("tiny_r1", "models"):  # the stage configs name ../models/...
+        shutil.copytree(CONFIGS / folder, tmp_path / folder)
+    for good, (wrong, match) in bad.items():
+        copy = tmp_path / "tiny_r1" / "bad_pipeline.yaml"
+        copy.write_text(text.replace(good, wrong))
+        with pytest.raises(ConfigError, match=match):
+            load_pipeline(copy)
 
 
 def test_data_from_a_rejection_stage_trains_on_its_dataset(tmp_path):

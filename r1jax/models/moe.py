@@ -7,6 +7,8 @@ Routing (float32):
   choice scores in the group; V2: the max), mask out the other groups' experts
   top-k experts by choice; their gate weights come from the *unbiased* s, optionally normalised
   to sum 1, then times routed_scaling_factor.
+Routing replay (grpo.routing_replay): a forward can be handed the experts to select per token
+(those the sampler chose); the gate weights are still computed from the current scores.
 
 Experts are computed without token dropping: the (token, expert) assignments are sorted by expert
 and multiplied with a grouped matmul (`jax.lax.ragged_dot` on TPU, the tiled form of gmm.py
@@ -30,11 +32,9 @@ from r1jax.models.layers import DTYPES, MLP, RouterBias, param
 from r1jax.sharding import active_mesh, logical_to_spec, mesh_shape
 
 
-def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, cfg: ModelConfig):
-    """Expert choice for tokens x [T, d].
-
-    Returns (weights [T, k] float32, experts [T, k] int32, scores [T, E] float32).
-    """
+def router_scores(x: jax.Array, kernel: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """The router of tokens x [T, d]: (scores s [T, E] float32, selection scores [T, E]: s + b,
+    with the experts of groups outside the topk_group best set to -inf)."""
     logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32))  # [T, E]
     scores = jax.nn.sigmoid(logits) if cfg.score_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
     choice = scores + bias.astype(jnp.float32)
@@ -48,11 +48,48 @@ def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, cfg: ModelConfig):
         _, top_groups = jax.lax.top_k(group_score, cfg.topk_group)
         keep = jnp.zeros_like(group_score, jnp.bool_).at[jnp.arange(t)[:, None], top_groups].set(True)
         choice = jnp.where(jnp.repeat(keep, e // cfg.n_group, axis=1), choice, -jnp.inf)
-    _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    return scores, choice
+
+
+def gate_weights(scores: jax.Array, experts: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The gate weights [T, k] float32 of the chosen experts [T, k]: their unbiased scores,
+    normalised to sum 1 under norm_topk_prob, times routed_scaling_factor."""
     weights = jnp.take_along_axis(scores, experts, axis=-1)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores
+    return weights * cfg.routed_scaling_factor
+
+
+def route(x: jax.Array, kernel: jax.Array, bias: jax.Array, cfg: ModelConfig, forced: jax.Array | None = None):
+    """Expert choice for tokens x [T, d].
+
+    forced [T, k] int (routing replay): the experts to use where a row is >= 0 (e.g. those the
+    sampler chose for the token); rows of -1 choose their own. Only the selection is replayed:
+    the gate weights come from the current scores, so the router still gets gradients.
+
+    Returns (weights [T, k] float32, experts [T, k] int32, scores [T, E] float32).
+    """
+    weights, experts, scores, _ = route_and_replay(x, kernel, bias, cfg, forced)
+    return weights, experts, scores
+
+
+def route_and_replay(x: jax.Array, kernel: jax.Array, bias: jax.Array, cfg: ModelConfig,
+                     forced: jax.Array | None = None):
+    """`route`, and also the experts the router itself would choose ([T, k] int32; the same as the
+    experts used when nothing is forced)."""
+    scores, choice = router_scores(x, kernel, bias, cfg)
+    own = jax.lax.top_k(choice, cfg.num_experts_per_tok)[1].astype(jnp.int32)
+    experts = own if forced is None else jnp.where(forced >= 0, forced.astype(jnp.int32), own)
+    return gate_weights(scores, experts, cfg), experts, scores, own
+
+
+def route_dtype(n_experts: int):
+    """The smallest signed integer type that holds expert ids 0..n_experts-1 and -1 (routes that
+    were not recorded): recorded routes (sampling.generate(record_routes=True)) are kept in it."""
+    for dt in (jnp.int8, jnp.int16):
+        if n_experts - 1 <= jnp.iinfo(dt).max:
+            return dt
+    return jnp.int32
 
 
 def expert_load(experts: jax.Array, token_mask: jax.Array, n_experts: int) -> jax.Array:
@@ -248,11 +285,19 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts:
             self.shared = MLP(d, cfg.n_shared_experts * f, cfg, rngs)
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, dict]:
+    def __call__(self, x: jax.Array, token_mask: jax.Array, routes: jax.Array | None = None,
+                 want_routes: bool = False) -> tuple[jax.Array, dict]:
+        """x [B, S, d]; routes [B, S, k] int: experts to replay (rows of -1 route themselves);
+        want_routes: aux also holds `experts` [B, S, k] int32, the selection used. With routes,
+        aux holds `route_flips` (replayed tokens whose own top-k set differs from the replayed one)
+        and `route_replayed` (replayed valid tokens), float32 counts."""
         cfg = self.cfg
         b, s, d = x.shape
+        k = cfg.num_experts_per_tok
         with jax.named_scope("routing"):
-            weights, experts, scores = route(x.reshape(b * s, d), self.router[...], self.router_bias[...], cfg)
+            forced = None if routes is None else routes.reshape(b * s, k)
+            weights, experts, scores, own = route_and_replay(x.reshape(b * s, d), self.router[...],
+                                                             self.router_bias[...], cfg, forced)
         weights, experts = weights.reshape(b, s, -1), experts.reshape(b, s, -1)
         mesh = active_mesh()
         wg, wu, wd = self.w_gate[...], self.w_up[...], self.w_down[...]
@@ -272,5 +317,12 @@ class MoE(nnx.Module):
                                                   cfg.num_experts_per_tok),
             "rounds": rounds,
         }
+        if want_routes:
+            aux["experts"] = experts
+        if routes is not None:
+            replayed = (forced[:, 0] >= 0) & token_mask.reshape(-1)
+            differs = jnp.any(jnp.sort(own, -1) != jnp.sort(forced.astype(jnp.int32), -1), axis=-1)
+            aux["route_flips"] = jnp.sum(differs & replayed).astype(jnp.float32)
+            aux["route_replayed"] = jnp.sum(replayed).astype(jnp.float32)
         return y, aux
 

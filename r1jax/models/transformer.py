@@ -76,24 +76,27 @@ class Block(nnx.Module):
                             want_cache=want_cache)
         out, cache = out if want_cache else (out, None)
         x = x + out
-        y, aux = self._ffn(x, ctx["token_mask"])
+        y, aux = self._ffn(x, ctx["token_mask"], ctx.get("routes"), bool(ctx.get("want_routes")))
         return x + y, (dict(aux, cache=cache) if want_cache else aux)
 
-    def _ffn(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, dict]:
+    def _ffn(self, x: jax.Array, token_mask: jax.Array, routes: jax.Array | None = None,
+             want_routes: bool = False) -> tuple[jax.Array, dict]:
         h = self.mlp_norm(x)
         if isinstance(self.mlp, MoE):
             with jax.named_scope("moe"):
-                return self.mlp(h, token_mask)
+                return self.mlp(h, token_mask, routes, want_routes)
         with jax.named_scope("mlp"):
             return self.mlp(h), {}
 
-    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array, layer: jax.Array):
-        """One token per row: x [B, 1, d] -> (x, the group's cache with layer `layer` updated in place)."""
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: dict, pos: jax.Array, layer: jax.Array,
+               want_routes: bool = False):
+        """One token per row: x [B, 1, d] -> (x, the group's cache with layer `layer` updated in place);
+        with want_routes, also the experts the token selected [B, 1, k] (a MoE block)."""
         with jax.named_scope("attention"):
             out, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, pos, layer)
         x = x + out
-        y, _ = self._ffn(x, jnp.ones(x.shape[:2], bool))
-        return x + y, cache
+        y, aux = self._ffn(x, jnp.ones(x.shape[:2], bool), want_routes=want_routes)
+        return (x + y, cache, aux["experts"]) if want_routes else (x + y, cache)
 
 
 class MTPModule(nnx.Module):
@@ -167,7 +170,8 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "act_vocab")) if logits.ndim == 3 else logits
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 *, with_mtp: bool = False, return_hidden: bool = False, logits: bool = True) -> tuple[jax.Array, dict]:
+                 *, with_mtp: bool = False, return_hidden: bool = False, logits: bool = True,
+                 routes: jax.Array | None = None, want_routes: bool = False) -> tuple[jax.Array, dict]:
         """Logits [B, S, vocab] (float32) and aux; with logits=False, the final normalised hidden
         state [B, S, d_model] instead (no [B, S, vocab] array: apply `head` chunk by chunk).
 
@@ -180,6 +184,13 @@ class Transformer(nnx.Module):
         with `return_hidden`, `hidden` [B, S, d_model], the final normalised hidden state. With
         logits=False and `with_mtp`, aux holds `mtp_hidden` [D, B, S, d_model] (each depth's
         normalised output, the input of the shared head) instead of `mtp_logits`.
+
+        Routing replay (MoE): routes [B, S, L_moe, k] int are the experts each token selects in
+        each MoE layer (e.g. those the sampler chose: sampling.generate(record_routes=True)); a
+        token whose entries are -1 routes itself. Gate weights come from the current router, so it
+        still learns. aux then holds `route_flips` and `route_replayed` [L_moe] (float32 counts:
+        replayed valid tokens whose own top-k set differs; replayed valid tokens). want_routes: aux
+        holds `routes` [B, S, L_moe, k] int32, the experts selected (MoE blocks of the main model).
         """
         cfg = self.cfg
         b, s = tokens.shape
@@ -196,9 +207,16 @@ class Transformer(nnx.Module):
         if cfg.n_dense_layers:
             h, _ = scan_modules(self.dense_blocks, block_fn, h, remat=cfg.remat)
         if cfg.n_moe_layers:
-            h, moe_aux = scan_modules(self.moe_blocks, block_fn, h, remat=cfg.remat)
+            moe_ctx = dict(ctx, want_routes=want_routes)
+            moe_fn = lambda blk, h, r: blk(h, dict(moe_ctx, routes=r))  # noqa: E731
+            layer_routes = None if routes is None else jnp.moveaxis(routes, 2, 0)  # [L, B, S, k]: scanned
+            h, moe_aux = scan_modules(self.moe_blocks, moe_fn, h, layer_routes, remat=cfg.remat)
             aux["moe_load"], aux["balance_loss"] = moe_aux["load"], moe_aux["balance_loss"]
             aux["moe_rounds"] = moe_aux["rounds"]
+            if want_routes:
+                aux["routes"] = jnp.moveaxis(moe_aux["experts"], 0, 2)
+            if routes is not None:
+                aux["route_flips"], aux["route_replayed"] = moe_aux["route_flips"], moe_aux["route_replayed"]
         h = self.final_norm(h)
         if return_hidden:
             aux["hidden"] = h
@@ -219,10 +237,11 @@ class Transformer(nnx.Module):
         groups = {"dense_blocks": cfg.n_dense_layers, "moe_blocks": cfg.n_moe_layers}
         return {g: {k: jnp.zeros((n, *s), dt) for k, s in shapes.items()} for g, n in groups.items() if n}
 
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: dict, want_routes: bool = False):
         """Run right-padded prompts [B, P] (lengths [B]) through the model, filling cache[:, :, :P].
 
-        Returns (logits of each row's last prompt token [B, vocab] float32, cache)."""
+        Returns (logits of each row's last prompt token [B, vocab] float32, cache); with
+        want_routes (a MoE model), also the experts each prompt token selected [B, P, L_moe, k]."""
         b, p = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
         segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
@@ -231,30 +250,43 @@ class Transformer(nnx.Module):
         ctx = {"cos": cos, "sin": sin, "segment_ids": segment_ids, "lengths": lengths.astype(jnp.int32),
                "token_mask": segment_ids != 0, "want_cache": True}
         h = self.embed_tokens(tokens)
+        routes = None
         for group in cache:
-            h, aux = scan_modules(getattr(self, group), lambda blk, x, _: blk(x, ctx), h)
+            group_ctx = dict(ctx, want_routes=want_routes and group == "moe_blocks")
+            h, aux = scan_modules(getattr(self, group), lambda blk, x, _: blk(x, group_ctx), h)
             cache = dict(cache, **{group: {k: jax.lax.dynamic_update_slice_in_dim(cache[group][k], v.astype(
                 cache[group][k].dtype), 0, axis=2) for k, v in aux["cache"].items()}})
+            if group_ctx["want_routes"]:
+                routes = jnp.moveaxis(aux["experts"], 0, 2)  # [B, P, L, k]
         h = self.final_norm(jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1))
-        return self.head(h[:, 0]), cache
+        return (self.head(h[:, 0]), cache, routes) if want_routes else (self.head(h[:, 0]), cache)
 
-    def decode_step(self, tokens: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    def decode_step(self, tokens: jax.Array, pos: jax.Array, cache: dict, want_routes: bool = False):
         """Next-token logits [B, vocab] for tokens [B] at positions pos [B]; the cache gains them.
+        With want_routes (a MoE model), also the experts each token selected [B, L_moe, k].
 
         Each group's stacked cache [L, B, T, ...] rides in the layer scan's carry and layer l writes
         its entries at [l, b, pos[b]]: XLA updates the one buffer in place (no per-step copy of the
         cache, which a scan emitting the layers' caches as outputs would make)."""
         cos, sin = rope_cos_sin(pos[:, None], self.cfg)
         h = self.embed_tokens(tokens[:, None])
-        new_cache = {}
+        new_cache, routes = {}, None
         for group, group_cache in cache.items():
+            record = want_routes and group == "moe_blocks"
+
             def step(blk, carry, layer):
                 x, c = carry
+                if record:
+                    x, c, experts = blk.decode(x, cos, sin, c, pos, layer, want_routes=True)
+                    return (x, c), experts[:, 0]
                 return blk.decode(x, cos, sin, c, pos, layer), None
             n_layers = next(iter(group_cache.values())).shape[0]
-            (h, new_cache[group]), _ = scan_modules(getattr(self, group), step, (h, group_cache),
-                                                    jnp.arange(n_layers, dtype=jnp.int32))
-        return self.head(self.final_norm(h)[:, 0]), new_cache
+            (h, new_cache[group]), ys = scan_modules(getattr(self, group), step, (h, group_cache),
+                                                     jnp.arange(n_layers, dtype=jnp.int32))
+            if record:
+                routes = jnp.moveaxis(ys, 0, 1)  # [B, L, k]
+        logits = self.head(self.final_norm(h)[:, 0])
+        return (logits, new_cache, routes) if want_routes else (logits, new_cache)
 
     def _mtp(self, tokens: jax.Array, h: jax.Array, ctx: dict, logits: bool = True) -> dict:
         """The MTP depths on the main model's final normalised hidden h [B, S, d_model]: {"mtp_logits"

@@ -145,6 +145,7 @@ class Rollout:
     """Part 1's output: the iteration's N = prompts x group_size sampled sequences."""
 
     out: dict  # generate's global arrays: tokens [N, T], lengths [N], logprobs [N, max_new], num_new [N]
+    #            (+ routes [N, T, L_moe, k] with grpo.routing_replay)
     prompt_lengths: jax.Array  # [N], global
     tokens: np.ndarray  # [N, T] host copy of out["tokens"]
     lengths: np.ndarray  # [N] prompt + response
@@ -184,15 +185,21 @@ def _prepare(params, bias, ref_params, rows, plens, sampler_logp, num_new, plan=
     and their stats.
 
     The passes run in `micro` microbatches (`token_logprobs`); with a `plan` (`pack_plan`'s arrays)
-    on the rollouts packed several to a row, their log-probs then mapped back to the rollout rows."""
+    on the rollouts packed several to a row, their log-probs then mapped back to the rollout rows.
+    With routing replay (rows["routes"]) pi_old's forward selects the sampler's experts; pi_ref's
+    routes itself (the reference is another policy: its own distribution is the KL's target)."""
     if plan is None:
         pass_rows, to_rows = rows, lambda x: x  # noqa: E731
     else:
         pass_rows, to_rows = packed_rows(rows, plan), lambda x: unpack_rows(x, plan)  # noqa: E731
-    old = to_rows(token_logprobs(params, bias, pass_rows, ctx=ctx, micro=micro))
+    old, counts = token_logprobs(params, bias, pass_rows, ctx=ctx, micro=micro, return_aux=True)
+    old = to_rows(old)
     out = {"old_logp": old}
+    if counts:  # routing replay: how often the training router disagrees with the sampler's selection
+        out["routing_mismatch"] = counts["route_flips"] / jnp.maximum(counts["route_replayed"], 1.0)
     if ref_params is not None:
-        out["ref_logp"] = to_rows(token_logprobs(ref_params, bias, pass_rows, ctx=ctx, micro=micro))
+        ref_rows = {k: v for k, v in pass_rows.items() if k != "routes"}
+        out["ref_logp"] = to_rows(token_logprobs(ref_params, bias, ref_rows, ctx=ctx, micro=micro))
     sampled, valid = sampler_logp_rows(sampler_logp, plens, num_new, old.shape[1])
     out["logp_mismatch"] = jnp.sum(jnp.abs(old - sampled) * valid) / jnp.maximum(jnp.sum(valid), 1)
     if ctx.loss.mismatch != "off":
@@ -278,7 +285,8 @@ class GRPOIteration:
             model_state = decode_layout_state(model_state, self.mesh)
         out = generate(self.ctx.graphdef, model_state, tokens, plens, key, max_new_tokens=s.max_new_tokens,
                        eos_id=self.tok.eos_id, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                       vocab_limit=self.tok.vocab_size, samples_per_prompt=g if shared else 1, layout=layout)
+                       vocab_limit=self.tok.vocab_size, samples_per_prompt=g if shared else 1, layout=layout,
+                       record_routes=self.g.routing_replay == "rollout")
         del model_state  # the decode copy goes before the log-prob passes
         plens = _global(host_plens, self.vec_sharding)
         toks, tlens = _host(out["tokens"]), _host(out["lengths"])
@@ -322,8 +330,9 @@ class GRPOIteration:
 
     def advantages_and_masks(self, rollout: Rollout, scores: Scores) -> tuple[dict, dict]:
         """3. Group advantages and the rows each update trains on. Returns (training rows on the mesh:
-        tokens, positions, segment_ids, targets, response_mask (masked groups zeroed), advantages;
-        the host weights of `train.grpo.advantages_and_masks`)."""
+        tokens, positions, segment_ids, targets, response_mask (masked groups zeroed), advantages,
+        and with grpo.routing_replay the sampler's routes; the host weights of
+        `train.grpo.advantages_and_masks`)."""
         g = self.g
         weights = advantages_and_masks(scores.total, g.group_size, std_normalize=g.std_normalize,
                                        leave_one_out=g.leave_one_out, dynamic_sampling=g.dynamic_sampling,
@@ -331,13 +340,17 @@ class GRPOIteration:
         rows = self._make_rows(rollout.out["tokens"], rollout.prompt_lengths, rollout.out["lengths"])
         rows["response_mask"] = rows["response_mask"] * _global(weights["row_keep"], self.vec_sharding)[:, None]
         rows["advantages"] = _global(weights["advantages"], self.vec_sharding)
+        if "routes" in rollout.out:  # routing replay: every training forward selects the sampler's experts
+            rows["routes"] = rollout.out["routes"]
         return rows, weights
 
     def logprob_passes(self, state: GRPOState, rows: dict, rollout: Rollout) -> tuple[dict, dict]:
         """4. log pi_old (and log pi_ref) of every sampled token by the training forward, added to
         `rows` (with grpo.mismatch, also the correction weights `is_weight`); and the mismatch
         stats: logp_mismatch, the mean |log pi_old - the sampler's log-prob| over response tokens
-        (+ is_ratio_mean, is_ratio_max, is_corrected_share with grpo.mismatch).
+        (+ is_ratio_mean, is_ratio_max, is_corrected_share with grpo.mismatch; + routing_mismatch
+        with grpo.routing_replay: the share of the sampler's (token, MoE layer) selections that the
+        training forward's own router would have made differently, which replay overrides).
 
         The rollouts are packed by their actual lengths when that takes fewer rows (`pack_plan`:
         a pass then costs about the tokens generated, not rollouts x row length), and each pass
@@ -348,7 +361,7 @@ class GRPOIteration:
         extra = self._prepare(state.params, state.router_bias, state.ref_params, rows, rollout.prompt_lengths,
                               rollout.out["logprobs"], rollout.out["num_new"], plan)
         mismatch = {k: extra.pop(k) for k in ("logp_mismatch", "is_ratio_mean", "is_ratio_max",
-                                               "is_corrected_share") if k in extra}
+                                               "is_corrected_share", "routing_mismatch") if k in extra}
         return dict(rows, **extra), mismatch
 
     def updates(self, state: GRPOState, rows: dict, useful: np.ndarray, it: int) -> Updates:
@@ -454,6 +467,9 @@ def run_grpo(cfg: Config, reward_fn=None) -> StageResult:
     if rows_per_update % cfg.train.grad_accum:
         raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} does not divide a GRPO minibatch of "
                           f"{rows_per_update} rollouts (grpo.prompts_per_step * group_size / minibatches)")
+    if g.routing_replay != "off" and not cfg.model.n_moe_layers:
+        raise ConfigError(f"grpo.routing_replay: {g.routing_replay!r} replays MoE routing, and this model "
+                          f"({cfg.model.family}) has no MoE layer; set it to off")
     source = make_source(cfg.data, cfg.data.split)
     ctx = make_context(cfg, schedule_steps=cfg.train.steps * g.inner_epochs * g.minibatches,
                        loss=GRPOLoss.from_config(cfg))

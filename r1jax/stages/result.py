@@ -64,3 +64,10 @@ class StageResult:
             return h.get("greedy", h.get("pass@1"))
         evals = [e for e in self.evals if "accuracy" in e]
         return evals[-1]["accuracy"] if evals else None
+
+    def heldout_by_scenario(self) -> dict[str, float]:
+        """The last held-out evaluation's accuracy per scenario ({"general": ..., "reasoning": ...})
+        when its records mixed scenarios (data.general_share); else {}."""
+        evals = [e for e in self.evals if "accuracy" in e]
+        last = evals[-1] if evals else {}
+        return {k[len("accuracy_"):]: v for k, v in sorted(last.items()) if k.startswith("accuracy_")}

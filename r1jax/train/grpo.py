@@ -64,7 +64,8 @@ def _objective(params, bias, batch, norm, *, ctx: StepContext):
     "micro") so that the microbatch losses and statistics add up to the minibatch's."""
     loss_cfg: GRPOLoss = ctx.loss
     model = nnx.merge(ctx.graphdef, params, bias)
-    h, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], logits=False)
+    h, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], logits=False,
+                   routes=batch.get("routes"))
     logp, entropy = chunked_sampled_logprobs(h, model.head, batch["targets"], ctx.model.logits_chunk)
     loss, stats = policy_objective(
         logp, batch["old_logp"], batch["advantages"], batch["response_mask"], clip_low=loss_cfg.clip_low,
@@ -78,6 +79,8 @@ def _objective(params, bias, batch, norm, *, ctx: StepContext):
         term, more = balance_term(aux, ctx.balance_loss_coef, norm["micro"])
         loss = loss + term
         stats.update(more)
+    if "route_flips" in aux:  # routing replay: counts, added up over the microbatches
+        stats["route_flips"], stats["route_replayed"] = jnp.sum(aux["route_flips"]), jnp.sum(aux["route_replayed"])
     return loss, stats
 
 
@@ -85,7 +88,12 @@ def grpo_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContex
     """One optimizer step on a GRPO (mini)batch, accumulated over ctx.grad_accum microbatches (the
     loss is normalised by the whole minibatch's counts, so any accumulation gives the same step).
     `rng` is unused (deterministic forward). Metrics: loss, policy_loss, clip_fraction, entropy
-    (+ kl with beta > 0), grad_norm, lr (+ balance_loss, load_max_over_mean, moe_extra_rounds for MoE)."""
+    (+ kl with beta > 0), grad_norm, lr (+ balance_loss, load_max_over_mean, moe_extra_rounds for MoE;
+    + routing_flips with routing replay: the share of replayed (token, MoE layer) selections that
+    the policy's own router would have chosen differently).
+
+    batch["routes"] [B, S, L_moe, k] (optional): routing replay, the experts every token selects
+    (models.transformer.Transformer `routes`)."""
     del rng
     batch = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
     a = ctx.grad_accum
@@ -93,6 +101,9 @@ def grpo_step(state: TrainState, batch: dict, rng: jax.Array, *, ctx: StepContex
     grads, totals = accumulate_gradients(lambda p, mb: _objective(p, state.router_bias, mb, norm, ctx=ctx),
                                          state.params, batch, a)
     new_state, metrics = apply_gradients(state, grads, totals, ctx=ctx)
+    flips, replayed = totals.pop("route_flips", None), totals.pop("route_replayed", None)
+    if flips is not None:
+        metrics["routing_flips"] = flips / jnp.maximum(replayed, 1.0)
     metrics.update(loss=totals["objective"], **{k: v for k, v in totals.items() if k not in ("objective", "balance",
                                                                                            "load")})
     return new_state, metrics
@@ -102,14 +113,18 @@ PASS_KEYS = ("tokens", "positions", "segment_ids", "targets")
 
 
 def token_logprobs(params: nnx.State, bias: nnx.State, batch: dict, *, ctx: StepContext,
-                   micro: int | None = None) -> jax.Array:
+                   micro: int | None = None, return_aux: bool = False):
     """log pi(target) [B, S] under `params` (the training forward, no MTP): pi_old and pi_ref.
 
     batch: tokens, positions, segment_ids, targets [B, S] (rollout rows, or packed ones: see
-    `pack_rollouts`). The rows run in `micro` microbatches (default ctx.grad_accum; it must divide
+    `pack_rollouts`), optionally routes [B, S, L_moe, k] (routing replay). The rows run in `micro` microbatches (default ctx.grad_accum; it must divide
     B), one after another (lax.map over `update.microbatches`' interleaved split), so the pass
     holds one microbatch's activations; the head runs in chunks of model.logits_chunk tokens
     (`losses.chunked_sampled_logprobs`), so no [B, S, vocab] array exists either.
+
+    return_aux: return (log-probs, counts), counts {"route_flips", "route_replayed"} summed over
+    layers and rows with routes in the batch (the replayed selections this forward's own router
+    would have made differently; all replayed ones), else {}.
     """
     model = nnx.merge(ctx.graphdef, params, bias)
     n = ctx.grad_accum if micro is None else micro
@@ -118,14 +133,18 @@ def token_logprobs(params: nnx.State, bias: nnx.State, batch: dict, *, ctx: Step
         raise ValueError(f"{n} log-prob microbatches do not divide {b} rows")
 
     def one(mb):
-        h, _ = model(mb["tokens"], mb["positions"], mb["segment_ids"], logits=False)
-        return chunked_sampled_logprobs(h, model.head, mb["targets"], ctx.model.logits_chunk)[0]
+        h, aux = model(mb["tokens"], mb["positions"], mb["segment_ids"], logits=False, routes=mb.get("routes"))
+        counts = {k: jnp.sum(aux[k]) for k in ("route_flips", "route_replayed") if k in aux}
+        return chunked_sampled_logprobs(h, model.head, mb["targets"], ctx.model.logits_chunk)[0], counts
 
-    rows = {k: batch[k] for k in PASS_KEYS}
+    rows = {k: batch[k] for k in PASS_KEYS + (("routes",) if "routes" in batch else ())}
     if n == 1:
-        return one(rows)
-    out = jax.lax.map(one, microbatches(rows, n))  # [n, B / n, S]; microbatch j holds rows j, j + n, ...
-    return constrain(out.swapaxes(0, 1).reshape(b, *out.shape[2:]), ("batch", None))
+        logp, counts = one(rows)
+    else:
+        out, counts = jax.lax.map(one, microbatches(rows, n))  # [n, B / n, S]; microbatch j: rows j, j + n, ...
+        logp = constrain(out.swapaxes(0, 1).reshape(b, *out.shape[2:]), ("batch", None))
+        counts = {k: jnp.sum(v) for k, v in counts.items()}
+    return (logp, counts) if return_aux else logp
 
 
 def rollout_batch(tokens: jax.Array, prompt_lengths: jax.Array, total_lengths: jax.Array) -> dict:
@@ -196,11 +215,17 @@ def _plan_arrays(lengths: np.ndarray, place: np.ndarray, rows: int, width: int) 
 def packed_rows(rows: dict, plan: dict) -> dict:
     """The log-prob passes' input rows from `rollout_batch` rows [N, T] and a `pack_plan` (as
     arrays): tokens, targets (each rollout's own next token, 0 at its end, as unpacked), positions
-    and segment_ids, all [R, T]."""
+    and segment_ids, all [R, T]; and when `rows` hold routes [N, T, L, k] (routing replay), theirs
+    [R, T, L, k] (-1 in padding)."""
     src = plan["src"]
     take = lambda x: jnp.where(src >= 0, x.reshape(-1)[jnp.maximum(src, 0)], 0)  # noqa: E731
-    return {"tokens": take(rows["tokens"]), "targets": take(rows["targets"]), "positions": plan["positions"],
-            "segment_ids": plan["segment_ids"]}
+    out = {"tokens": take(rows["tokens"]), "targets": take(rows["targets"]), "positions": plan["positions"],
+           "segment_ids": plan["segment_ids"]}
+    if "routes" in rows:
+        r = rows["routes"]
+        flat = r.reshape(-1, *r.shape[2:])[jnp.maximum(src, 0)]  # [R, T, L, k]
+        out["routes"] = jnp.where((src >= 0)[..., None, None], flat, jnp.asarray(-1, r.dtype))
+    return out
 
 
 def unpack_rows(values: jax.Array, plan: dict) -> jax.Array:
