@@ -216,19 +216,43 @@ def teacher_model_config(cfg: Config, teacher: ModelConfig | str | Path | None =
         return teacher, "given"
     if teacher is not None:
         return load_config(teacher).model, str(teacher)
-    from r1jax.checkpoint import RunCheckpointer, find_stage_checkpoint, load_model_config
     from r1jax.errors import CheckpointError
 
     path = cfg.distill.teacher
     try:
-        directory, step = find_stage_checkpoint(path)
-        if step is None:
-            return load_model_config(directory), f"{directory}/config.yaml"
-        saved = RunCheckpointer(directory, every=1, keep=1, async_save=False, read_only=True).saved_config(step)
-        return build(ModelConfig, saved["model"], {}, "model."), f"{directory}/{step}/config"
+        return _saved_model_config(path)
     except (CheckpointError, KeyError) as e:
         raise ConfigError(f"distill.teacher: {path}: cannot read the teacher's model config ({e}); to size a "
                           f"teacher that does not exist yet, pass teacher= a ModelConfig or a model YAML") from None
+
+
+def _saved_model_config(path: str) -> tuple[ModelConfig, str]:
+    """The model config saved with a checkpoint (a params checkpoint's config.yaml, or a run
+    directory's latest step) and where it was read; CheckpointError / KeyError when there is none."""
+    from r1jax.checkpoint import RunCheckpointer, find_stage_checkpoint, load_model_config
+
+    directory, step = find_stage_checkpoint(path)
+    if step is None:
+        return load_model_config(directory), f"{directory}/config.yaml"
+    saved = RunCheckpointer(directory, every=1, keep=1, async_save=False, read_only=True).saved_config(step)
+    return build(ModelConfig, saved["model"], {}, "model."), f"{directory}/{step}/config"
+
+
+def _reward_model_items(cfg: Config, sizes: dict[str, int]) -> tuple[list[Item], list[str]]:
+    """grpo.reward_model's frozen params and router biases per device (sharded like the policy's),
+    read from its checkpoint's saved model config; a reward model not trained yet (a pipeline's
+    rm stage) is sized as the policy's decoder with a score head, and a note says so."""
+    from r1jax.errors import CheckpointError
+
+    path, notes = cfg.grpo.reward_model, []
+    try:
+        rm, source = _saved_model_config(path)
+    except (CheckpointError, KeyError, OSError):
+        rm, source = dataclasses.replace(cfg.model, score_head=True), "the policy's architecture"
+        notes.append(f"grpo.reward_model: {path} cannot be read yet; sized as the policy's decoder with a score head")
+    p_bytes, b_bytes = _model_state_bytes(rm, sizes)
+    return [Item("reward model params", p_bytes, f"{rm.param_dtype}, frozen (grpo.reward_model, {source})"),
+            Item("reward model router biases", b_bytes, "float32")], notes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,6 +501,8 @@ def plan_memory(cfg: Config, kind: str, devices: int | None = None, *,
     if cfg.train.seq_len > m.max_seq_len and kind != "eval":
         notes.append(f"train.seq_len {cfg.train.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
     notes += _missing_paths(cfg, kind)
+    if STAGES[kind].plan == "grpo" and cfg.grpo.reward_model:
+        notes += _reward_model_items(cfg, sizes)[1]
     return MemoryPlan(kind=kind, name=cfg.name or m.family, devices=math.prod(sizes.values()), mesh=sizes,
                       summary=tuple(summary), persistent=Phase("persistent", tuple(persistent)), phases=tuple(phases),
                       assumptions=_ASSUMPTIONS, notes=tuple(notes))
@@ -513,6 +539,8 @@ def _training(cfg: Config, kind: str, sizes: dict[str, int], mesh: AbstractMesh,
     if STAGES[kind].plan == "grpo":
         if cfg.grpo.beta > 0:
             persistent.append(Item("reference params", p_bytes, f"grpo.beta={cfg.grpo.beta} > 0: a frozen copy"))
+        if cfg.grpo.reward_model:
+            persistent += _reward_model_items(cfg, sizes)[0]
         return persistent, _grpo_phases(cfg, sizes, grads)
     if tcfg is not None:
         t_params, t_bias = _model_state_bytes(tcfg, sizes)

@@ -265,7 +265,15 @@ def test_general_demonstrations_are_trained_as_written_and_half_are_flawed():
     records = [src[i] for i in range(400)]
     good = [parity_preference(r["number"], r["response"]) for r in records]
     assert 0.4 <= 1 - np.mean(good) <= 0.6
-    assert all(r["response"] == r["chosen"] for r, g in zip(records, good) if g)
+    # a good demonstration names the prompt's own number (only preference pairs miscopy it)
+    assert all(r["response"].endswith(f"</think> {r['number']} is {('even', 'odd')[r['number'] % 2]}.")
+               for r, g in zip(records, good) if g)
+    # the pairs: chosen meets the hidden preference, rejected misses it, also in the half whose
+    # summaries both name another number than the prompt's
+    assert all(parity_preference(r["number"], r["chosen"]) == 1 and parity_preference(r["number"], r["rejected"]) == 0
+               for r in records)
+    miscopied = [f"</think> {r['number']} is" not in r["chosen"] for r in records]
+    assert 0.4 <= np.mean(miscopied) <= 0.6
     texts = [f"{r['question']} {r['response']}" for r in records[:200]]
     with tempfile.TemporaryDirectory() as tmp:
         tok = Tokenizer.train_sentencepiece(texts, tmp, 300, seed=0)
@@ -273,3 +281,26 @@ def test_general_demonstrations_are_trained_as_written_and_half_are_flawed():
     ex = EncodeSFT(tok, cfg.template, 128).map(records[0])
     completion = ex["inputs"][ex["loss_mask"]]
     assert completion[-1] == tok.eos_id and tok.decode(completion[:-1].tolist()) == records[0]["response"]
+
+
+def test_grpo_plan_holds_the_frozen_reward_model():
+    """With grpo.reward_model, the GRPO plan's persistent memory holds the reward model's params:
+    the bytes of a real one (the policy's decoder + a score head, initialised here), and a note says
+    it was sized that way because its run does not exist yet."""
+    from flax import nnx
+
+    from r1jax.dryrun import plan_memory
+    from r1jax.models import init_model
+    from r1jax.models.layers import RouterBias
+
+    cfg = load_config(CONFIGS / "tiny_r1" / "grpo.yaml", ["grpo.reward_model=/nonexistent/rm", "mesh.fsdp=1"])
+    plan = plan_memory(cfg, "grpo", devices=1)
+    items = {it.name: it.bytes for it in plan.persistent.items}
+    rm_cfg = load_config(CONFIGS / "tiny_r1" / "reward_model.yaml", ["mesh.fsdp=1"]).model
+    graphdef, state = init_model(rm_cfg, jax.random.key(0))
+    _, params, bias = nnx.split(nnx.merge(graphdef, state), nnx.Param, RouterBias)
+    assert items["reward model params"] == sum(x.nbytes for x in jax.tree.leaves(params))
+    assert items["reward model router biases"] == sum(x.nbytes for x in jax.tree.leaves(bias))
+    assert any("grpo.reward_model: /nonexistent/rm cannot be read yet" in n for n in plan.notes)
+    assert "reward model params" not in {it.name for it in plan_memory(
+        load_config(CONFIGS / "tiny_r1" / "grpo.yaml", ["mesh.fsdp=1"]), "grpo", devices=1).persistent.items}

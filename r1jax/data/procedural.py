@@ -464,18 +464,20 @@ _PARITY_TAG = 4
 PARITY_WORDS = ("even", "odd")
 
 
-def parity_summary(number: int, stated: str | None) -> str:
+def parity_summary(number: int, stated: str | None, named: int | None = None) -> str:
     """A response to "Describe the number N.": a short <think> and a one-sentence summary that
-    states `stated` ("even" / "odd") as the number's parity, or no parity at all (None)."""
+    states `stated` ("even" / "odd") as the number's parity, or no parity at all (None). `named`:
+    the number the summary names, when it is miscopied (default: `number`)."""
     last = number % 10
-    summary = f"{number} is {stated}." if stated else f"{number} is a number."
+    named = number if named is None else named
+    summary = f"{named} is {stated}." if stated else f"{named} is a number."
     return f"<think> {number} ends in {last}. </think> {summary}"
 
 
 def parity_preference(number: int, text: str) -> float:
     """The hidden preference of `ParityPreferenceTask`, for measuring a policy (not a training
-    reward): 1.0 if the summary after </think> names the number's parity correctly (and not the
-    other one), else 0.0."""
+    reward): 1.0 if the summary after </think> names the prompt's number's parity correctly (and
+    not the other one), else 0.0 (whatever number the summary itself names)."""
     if not isinstance(text, str):
         return 0.0
     summary = text.rsplit("</think>", 1)[-1].lower()
@@ -492,8 +494,13 @@ class ParityPreferenceTask:
     rejected: "<think> 347 ends in 7. </think> 347 is even."        summary names the parity
               or "<think> 347 ends in 7. </think> 347 is a number."  correctly)
 
-    A reward model can learn the preference from pairs (the last digit decides it); the rule
-    rewards (accuracy, format) cannot see it. `parity_preference` scores any text by it. Numbers
+    In half of the pairs both summaries miscopy the number (name another one, as a policy that
+    copies badly does): the preference is about the prompt's number, so a reward model must read
+    the parity off the prompt, not off whatever number a summary names (with pairs that never
+    miscopy, a tiny reward model scores a policy's miscopied summaries by the wrong number: a rank
+    correlation of 0.31 with the hidden preference on the cold-start policy's samples, against
+    0.84 with these). A reward model can learn the preference from pairs (the last
+    digit decides it); the rule rewards (accuracy, format) cannot see it. `parity_preference` scores any text by it. Numbers
     are 1..max_number; the split key is the number. Extras: "number", "scenario": "general",
     "answer" / "reasoning" empty (a general prompt has no verifiable answer), and "response": a
     demonstration for SFT, by a demonstrator who states the wrong parity or none in a share
@@ -513,9 +520,10 @@ class ParityPreferenceTask:
     def _propose(self, rng):
         n = int(rng.integers(1, self.max_number + 1))
         right, wrong = PARITY_WORDS[n % 2], PARITY_WORDS[1 - n % 2]
-        rejected = parity_summary(n, wrong if rng.random() < 0.75 else None)
+        named = int(rng.integers(1, self.max_number + 1)) if rng.random() < 0.5 else n  # a miscopied number
+        rejected = parity_summary(n, wrong if rng.random() < 0.75 else None, named)
         return str(n), {"question": f"Describe the number {n}.", "reasoning": "", "answer": "",
-                        "chosen": parity_summary(n, right), "rejected": rejected, "number": n,
+                        "chosen": parity_summary(n, right, named), "rejected": rejected, "number": n,
                         "scenario": "general"}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -527,7 +535,7 @@ class ParityPreferenceTask:
         if demo.random() < self.demo_flaw_rate:
             record["response"] = parity_summary(n, PARITY_WORDS[1 - n % 2] if demo.random() < 0.5 else None)
         else:
-            record["response"] = record["chosen"]
+            record["response"] = parity_summary(n, PARITY_WORDS[n % 2])
         return record
 
 
