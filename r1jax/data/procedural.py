@@ -496,10 +496,10 @@ class ParityPreferenceTask:
 
     In half of the pairs both summaries miscopy the number (name another one, as a policy that
     copies badly does): the preference is about the prompt's number, so a reward model must read
-    the parity off the prompt, not off whatever number a summary names (with pairs that never
-    miscopy, a tiny reward model scores a policy's miscopied summaries by the wrong number: a rank
-    correlation of 0.31 with the hidden preference on the cold-start policy's samples, against
-    0.84 with these). A reward model can learn the preference from pairs (the last
+    the parity off the prompt, not off whatever number a summary names (measured on the tiny
+    cold-start policy's samples, which often miscopy: a reward model trained on pairs a fifth of
+    which miscopy ranks them with a Spearman correlation of 0.31 to the hidden preference, one
+    trained on these 0.84; BENCHMARKS.md). A reward model can learn the preference from pairs (the last
     digit decides it); the rule rewards (accuracy, format) cannot see it. `parity_preference` scores any text by it. Numbers
     are 1..max_number; the split key is the number. Extras: "number", "scenario": "general",
     "answer" / "reasoning" empty (a general prompt has no verifiable answer), and "response": a
