@@ -103,7 +103,7 @@ def test_pipeline_dry_run_plans_every_stage_of_r1_without_allocating():
     r = _cli("pipeline", path, "--dry-run", measured=True)
     assert r.returncode == 0, r.stderr[-2000:]
     blocks = r.stdout.split("== stage ")[1:]
-    assert [b.split(" ", 1)[0] for b in blocks] == [s["name"] for s in stages] and len(blocks) == 8
+    assert [b.split(" ", 1)[0] for b in blocks] == [s["name"] for s in stages] and len(blocks) == 9
     for block, stage in zip(blocks, stages, strict=True):
         assert block.startswith(f"{stage['name']} ({stage['kind']}, {Path(stage['config']).name})"), block[:200]
         assert "memory per device" in block and "peak estimate" in block, block[:2000]

@@ -23,6 +23,7 @@ PAPER = CONFIGS / "paper"
 # test_every_paper_config_is_listed).
 KINDS = {"r1_zero_grpo": ["grpo"], "r1_cold_start_sft": ["sft"], "r1_reasoning_grpo": ["grpo"],
          "r1_rejection": ["rejection"], "r1_sft2": ["sft"], "r1_all_scenarios_grpo": ["grpo"], "r1_eval": ["eval"],
+         "r1_reward_model": ["rm"],
          "distill_qwen2.5_1.5b": ["distill"], "distill_qwen2.5_7b": ["distill"], "distill_llama3.1_8b": ["distill"]}
 
 
