@@ -411,9 +411,11 @@ class DataConfig:
     # share of prompts drawn from the general parity task (scenario "general", no verifiable answer)
     # mixed into `source`'s reasoning prompts: R1's "RL for all scenarios" (1.0: general prompts only)
     general_share: float = 0.0
-    # share of the general prompts' demonstrations ("response", what SFT trains on) that state the
-    # wrong parity, or none: an imperfect demonstrator whose preference a reward model can correct
+    # share of the general prompts' demonstrations ("response", what SFT trains on) whose summary
+    # misses the hidden preference: an imperfect demonstrator whose preference a reward model can
+    # correct; general_flaw_wrong_share of those state the wrong parity, the rest none at all
     general_flaw_rate: float = 0.5
+    general_flaw_wrong_share: float = 0.5
     n_numbers: int = 4  # countdown
     num_shards: int = 0  # loader shards composing the global batch; 0: one per process
     worker_count: int = 0  # grain worker processes per loader shard
@@ -435,8 +437,9 @@ class DataConfig:
             out.append(("ops", f"unknown operations {bad} (known: + - *)"))
         if not 0 <= self.general_share <= 1:
             out.append(("general_share", f"must be in [0, 1], got {self.general_share}"))
-        if not 0 <= self.general_flaw_rate <= 1:
-            out.append(("general_flaw_rate", f"must be in [0, 1], got {self.general_flaw_rate}"))
+        for key in ("general_flaw_rate", "general_flaw_wrong_share"):
+            if not 0 <= getattr(self, key) <= 1:
+                out.append((key, f"must be in [0, 1], got {getattr(self, key)}"))
         if not 0 <= self.flaw_rate <= 1:
             out.append(("flaw_rate", f"must be in [0, 1], got {self.flaw_rate}"))
         elif self.flaw_rate and (self.source != "arithmetic" or tuple(self.ops) != ("+",)):
@@ -479,6 +482,10 @@ class GRPOConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     ref_refresh_every: int = 400  # iterations between copies of the policy into the reference (R1-Zero: 400)
     std_normalize: bool = True  # False: Dr. GRPO advantages
+    # the std that divides them: each group's own (DeepSeekMath), or "batch": one per scenario over
+    # the iteration's rollouts (REINFORCE++-baseline), so groups whose rewards barely differ (a reward
+    # model's scores of equally good samples) keep small advantages instead of being scaled to +-1
+    std_over: Literal["group", "batch"] = "group"
     leave_one_out: bool = False
     aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO

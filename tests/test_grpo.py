@@ -134,6 +134,29 @@ def test_group_std_is_the_population_std():
     assert not np.allclose(got, [(x - mean) / sample for x in r], rtol=1e-3)
 
 
+def test_batch_std_divides_by_each_strata_std_of_the_centred_rewards():
+    """std_over="batch": r_i - mean(group), divided by the population std of those centred rewards
+    over every row of the same stratum (REINFORCE++-baseline), written out in plain Python."""
+    g = 4
+    r = [0.1, 0.2, 0.1, 0.2,  3.0, -3.0, 3.0, -3.0,  1.0, 0.0, 0.0, 0.0,  1.0, 1.0, 1.0, 1.0]
+    strata = [1] * 8 + [0] * 8  # two reward-model groups, two rule groups
+    centred = []
+    for k in range(0, len(r), g):
+        m = sum(r[k:k + g]) / g
+        centred += [x - m for x in r[k:k + g]]
+    std = {s: (sum(c * c for c, t in zip(centred, strata) if t == s) / strata.count(s)) ** 0.5 for s in (0, 1)}
+    want = [c / std[t] for c, t in zip(centred, strata)]
+    got = np.asarray(group_advantages(jnp.asarray(r), g, std_over="batch", strata=np.asarray(strata), eps=0.0))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # the group of nearly equal scores keeps small advantages where the per-group std makes them +-1
+    assert np.abs(got[:4]).max() < 0.1
+    np.testing.assert_allclose(np.abs(np.asarray(group_advantages(jnp.asarray(r), g, eps=0.0))[:4]), 1.0, rtol=1e-5)
+    # one stratum: the std over the whole batch
+    whole = (sum(c * c for c in centred) / len(centred)) ** 0.5
+    np.testing.assert_allclose(np.asarray(group_advantages(jnp.asarray(r), g, std_over="batch", eps=0.0)),
+                               [c / whole for c in centred], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
 def test_microbatch_losses_with_the_batch_norm_add_up_to_the_batch_loss(agg):
     logp, old, ref, adv, mask = inputs(11)

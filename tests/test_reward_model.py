@@ -212,6 +212,36 @@ def test_rollout_rows_read_the_response_or_its_summary(view):
             assert set(got[i, len(want):].tolist()) <= {PAD}
 
 
+def test_a_pair_side_and_a_sampled_rollout_give_the_reward_model_the_same_ids(tmp_path):
+    """Training and scoring read the same thing: a preference side encoded for training
+    (`encode_side`) and the same prompt + response as the sampler lays it out (prompt ids, then the
+    response's ids and eos) cut by `rollout_rows` give identical ids, for both views. (Cutting the
+    summary from the text instead dropped the space piece that follows </think> in a response, so
+    the reward model never saw at training the ids it scored.)"""
+    from r1jax.data.preferences import encode_side
+    from r1jax.data.procedural import ParityPreferenceTask
+    from r1jax.tokenizer import Tokenizer, encode_prompt
+    from r1jax.train.reward_model import rollout_rows
+
+    task = ParityPreferenceTask(0, "train", 200)
+    texts = [t for i in range(200) for t in (task[i]["question"], task[i]["chosen"], task[i]["rejected"])]
+    tok = Tokenizer.train_sentencepiece(texts, tmp_path, 300)
+    think_end = tok.special_id("</think>")
+    rec = task[0]
+    for view in ("response", "summary"):
+        for response in (rec["chosen"], rec["rejected"], "no tags here, 12 is even."):
+            want = encode_side(tok, "r1", rec["question"], response, 128, view).tolist()
+            prompt = encode_prompt(tok, "r1", rec["question"]).tolist()
+            sampled = prompt + tok.encode(response, add_eos=True)
+            tokens = np.full((1, len(sampled) + 5), tok.pad_id, np.int32)
+            tokens[0, :len(sampled)] = sampled
+            got, seg, last = rollout_rows(jnp.asarray(tokens), jnp.asarray([len(prompt)]),
+                                          jnp.asarray([len(sampled)]), view, think_end, tok.pad_id)
+            assert np.asarray(got)[0, :int(last[0]) + 1].tolist() == want, (view, response)
+            if view == "summary" and "</think>" in response:  # the summary only: no think tokens
+                assert think_end not in want and tok.special_id("<think>") not in want
+
+
 def test_mixed_prompts_hold_the_general_share():
     from r1jax.data.pipeline import make_source
 
@@ -281,6 +311,17 @@ def test_general_demonstrations_are_trained_as_written_and_half_are_flawed():
     ex = EncodeSFT(tok, cfg.template, 128).map(records[0])
     completion = ex["inputs"][ex["loss_mask"]]
     assert completion[-1] == tok.eos_id and tok.decode(completion[:-1].tolist()) == records[0]["response"]
+    # general_flaw_wrong_share: which flaw a flawed demonstration has (the wrong parity, or none);
+    # the thinking before </think> works the parity out right either way
+    for share, want in ((0.0, "none"), (1.0, "wrong")):
+        over = ["data.general_share=1.0", "data.size=200", "data.general_flaw_rate=0.5",
+                f"data.general_flaw_wrong_share={share}"]
+        src = make_source(load_config(CONFIGS / "models" / "tiny_qwen2.yaml", over).data, "train")
+        for r in (src[i] for i in range(200)):
+            n, summary = r["number"], r["response"].split("</think>")[1]
+            assert f"{n % 10} is {('even', 'odd')[n % 2]}. </think>" in r["response"]
+            if not parity_preference(n, r["response"]):
+                assert summary.strip() == (f"{n} is a number." if want == "none" else f"{n} is {('odd', 'even')[n % 2]}.")
 
 
 def test_grpo_plan_holds_the_frozen_reward_model():

@@ -36,7 +36,8 @@ def make_source(cfg: DataConfig, split: str):
         import dataclasses
 
         reasoning = make_source(dataclasses.replace(cfg, general_share=0.0), split)
-        general = procedural.ParityPreferenceTask(cfg.seed, split, cfg.size, demo_flaw_rate=cfg.general_flaw_rate)
+        general = procedural.ParityPreferenceTask(cfg.seed, split, cfg.size, demo_flaw_rate=cfg.general_flaw_rate,
+                                                 demo_wrong_share=cfg.general_flaw_wrong_share)
         return procedural.MixedTask(reasoning, general, cfg.general_share)
     return _make_source(cfg, split)
 

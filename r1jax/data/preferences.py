@@ -74,20 +74,21 @@ def preference_source(cfg: DataConfig, split: str, path: str = ""):
     return src
 
 
-def summary_text(response: str) -> str:
-    """What follows the last </think> of a response (the whole response when it has none)."""
-    return response.rsplit("</think>", 1)[1].strip() if "</think>" in response else response
-
-
 def encode_side(tok: Tokenizer, template: str, prompt: str, response: str, seq_len: int,
                 view: str = "response") -> np.ndarray:
-    """[bos] + rendered prompt + response (or its summary: view "summary") + [eos], int32, its last
-    seq_len tokens at most."""
+    """[bos] + rendered prompt + response (view "summary": only the response's tokens after its last
+    </think> id, all of them when it has none) + [eos], int32, its last seq_len tokens at most.
+
+    The summary is cut from the encoded response, not from its text, so a reward model trains on the
+    very ids it reads of a sampled rollout (`train.reward_model.rollout_rows` cuts the sampled ids
+    the same way): re-encoding the text after </think> drops the space piece that follows the tag
+    in a response, and a model trained without it misjudged every rollout that has it."""
+    ids = np.asarray(tok.encode(response, add_eos=True), np.int32)
     if view == "summary":
-        response = summary_text(response)
-    ids = np.concatenate([encode_prompt(tok, template, prompt),
-                          np.asarray(tok.encode(response, add_eos=True), np.int32)])
-    return ids[-seq_len:]
+        ends = np.flatnonzero(ids == tok.special_id("</think>"))
+        if len(ends):
+            ids = ids[ends[-1] + 1:]
+    return np.concatenate([encode_prompt(tok, template, prompt), ids])[-seq_len:]
 
 
 def encode_pairs(records: list[dict], tok: Tokenizer, template: str, seq_len: int,

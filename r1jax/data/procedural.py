@@ -465,13 +465,14 @@ PARITY_WORDS = ("even", "odd")
 
 
 def parity_summary(number: int, stated: str | None, named: int | None = None) -> str:
-    """A response to "Describe the number N.": a short <think> and a one-sentence summary that
-    states `stated` ("even" / "odd") as the number's parity, or no parity at all (None). `named`:
-    the number the summary names, when it is miscopied (default: `number`)."""
+    """A response to "Describe the number N.": a short <think> that works the parity out right
+    (the last digit and its parity) and a one-sentence summary that states `stated` ("even" /
+    "odd") as the number's parity, or no parity at all (None). `named`: the number the summary
+    names, when it is miscopied (default: `number`)."""
     last = number % 10
     named = number if named is None else named
     summary = f"{named} is {stated}." if stated else f"{named} is a number."
-    return f"<think> {number} ends in {last}. </think> {summary}"
+    return f"<think> {number} ends in {last}, and {last} is {PARITY_WORDS[last % 2]}. </think> {summary}"
 
 
 def parity_preference(number: int, text: str) -> float:
@@ -490,9 +491,13 @@ class ParityPreferenceTask:
     """Preference pairs over a general prompt whose quality no rule reward checks (no <answer>):
 
     question: "Describe the number 347."
-    chosen:   "<think> 347 ends in 7. </think> 347 is odd."        (the hidden preference: the
-    rejected: "<think> 347 ends in 7. </think> 347 is even."        summary names the parity
-              or "<think> 347 ends in 7. </think> 347 is a number."  correctly)
+    chosen:   "<think> 347 ends in 7, and 7 is odd. </think> 347 is odd."   (the hidden preference:
+    rejected: "<think> 347 ends in 7, and 7 is odd. </think> 347 is even."  the summary names the
+              or "<think> 347 ends in 7, and 7 is odd. </think> 347 is a number."  parity correctly)
+
+    The thinking is always right; what goes wrong is the summary, the part R1's helpfulness reward
+    model judges (and a reward model that reads only the summary must read the parity off the
+    prompt's number).
 
     In half of the pairs both summaries miscopy the number (name another one, as a policy that
     copies badly does): the preference is about the prompt's number, so a reward model must read
@@ -503,16 +508,19 @@ class ParityPreferenceTask:
     digit decides it); the rule rewards (accuracy, format) cannot see it. `parity_preference` scores any text by it. Numbers
     are 1..max_number; the split key is the number. Extras: "number", "scenario": "general",
     "answer" / "reasoning" empty (a general prompt has no verifiable answer), and "response": a
-    demonstration for SFT, by a demonstrator who states the wrong parity or none in a share
-    `demo_flaw_rate` of them (half each), drawn apart from the problem.
+    demonstration for SFT, by a demonstrator whose summary misses the preference in a share
+    `demo_flaw_rate` of them: a share `demo_wrong_share` of those state the wrong parity, the
+    rest none ("N is a number."); drawn apart from the problem.
     """
 
-    def __init__(self, seed: int, split: str, size: int, max_number: int = 999, demo_flaw_rate: float = 0.5):
+    def __init__(self, seed: int, split: str, size: int, max_number: int = 999, demo_flaw_rate: float = 0.5,
+                 demo_wrong_share: float = 0.5):
         _check_common(seed, split, size)
-        if not 0.0 <= demo_flaw_rate <= 1.0:
-            raise ValueError(f"demo_flaw_rate must be in [0, 1], got {demo_flaw_rate}")
+        for name, value in (("demo_flaw_rate", demo_flaw_rate), ("demo_wrong_share", demo_wrong_share)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.seed, self.split, self.size, self.max_number = seed, split, size, max_number
-        self.demo_flaw_rate = demo_flaw_rate
+        self.demo_flaw_rate, self.demo_wrong_share = demo_flaw_rate, demo_wrong_share
 
     def __len__(self) -> int:
         return self.size
@@ -533,7 +541,8 @@ class ParityPreferenceTask:
         demo = np.random.default_rng([_PARITY_TAG, self.seed, SPLITS.index(self.split), i, 1 << 20])
         n = record["number"]
         if demo.random() < self.demo_flaw_rate:
-            record["response"] = parity_summary(n, PARITY_WORDS[1 - n % 2] if demo.random() < 0.5 else None)
+            record["response"] = parity_summary(n, PARITY_WORDS[1 - n % 2] if demo.random() < self.demo_wrong_share
+                                                else None)
         else:
             record["response"] = parity_summary(n, PARITY_WORDS[n % 2])
         return record

@@ -336,7 +336,8 @@ class GRPOIteration:
         g = self.g
         weights = advantages_and_masks(scores.total, g.group_size, std_normalize=g.std_normalize,
                                        leave_one_out=g.leave_one_out, dynamic_sampling=g.dynamic_sampling,
-                                       beta=g.beta)
+                                       beta=g.beta, std_over=g.std_over,
+                                       strata=None if rollout.general is None else rollout.general.astype(np.int32))
         rows = self._make_rows(rollout.out["tokens"], rollout.prompt_lengths, rollout.out["lengths"])
         rows["response_mask"] = rows["response_mask"] * _global(weights["row_keep"], self.vec_sharding)[:, None]
         rows["advantages"] = _global(weights["advantages"], self.vec_sharding)

@@ -236,15 +236,17 @@ def unpack_rows(values: jax.Array, plan: dict) -> jax.Array:
 
 
 def advantages_and_masks(total: np.ndarray, group_size: int, *, std_normalize: bool = True,
-                         leave_one_out: bool = False, dynamic_sampling: bool = False, beta: float = 0.0) -> dict:
+                         leave_one_out: bool = False, dynamic_sampling: bool = False, beta: float = 0.0,
+                         std_over: str = "group", strata: np.ndarray | None = None) -> dict:
     """Per-rollout training weights from the rollouts' total rewards [N * G] (groups contiguous).
 
+    `strata` [N*G] (e.g. the rows' scenarios) are the std's strata with std_over="batch".
     Returns {"advantages" [N*G] (losses.group_advantages), "keep" [N] (a group carries signal: with
     dynamic_sampling (DAPO), False for a group whose rewards are all equal), "row_keep" [N*G] float
     (keep per row), "useful" [N*G] bool (a row that can move the policy: kept, and a non-zero
     advantage or a KL term)}."""
     adv = np.asarray(group_advantages(jnp.asarray(total), group_size, std_normalize=std_normalize,
-                                      leave_one_out=leave_one_out))
+                                      leave_one_out=leave_one_out, std_over=std_over, strata=strata))
     groups = np.asarray(total).reshape(-1, group_size)
     keep = np.ones(len(groups), bool)
     if dynamic_sampling:

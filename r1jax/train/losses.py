@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -136,7 +137,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def group_advantages(rewards: jax.Array, group_size: int, *, std_normalize: bool = True,
-                     leave_one_out: bool = False, eps: float = 1e-6) -> jax.Array:
+                     leave_one_out: bool = False, std_over: str = "group", strata=None,
+                     eps: float = 1e-6) -> jax.Array:
     """Outcome advantages of G samples per prompt, rewards [N * G] (groups contiguous) -> [N * G].
 
     GRPO (DeepSeekMath section 4.1.2): A_i = (r_i - mean(r)) / std(r).
@@ -146,14 +148,32 @@ def group_advantages(rewards: jax.Array, group_size: int, *, std_normalize: bool
     jnp.std compute by default (TRL computes the sample std, ddof 1, instead).
     leave_one_out (RLOO baseline): A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r)),
     divided by std(r) too when std_normalize.
+    std_over="batch" (REINFORCE++-baseline's normalisation): the centred rewards r_i - mean(r) are
+    divided by their population std over every rollout of the batch of the same stratum (`strata`,
+    host ints [N * G], constant within a group, e.g. the prompt's scenario; None: one stratum), not
+    by the group's own std. A group whose rewards differ only a little (a reward model's scores of
+    samples that are all as good) then keeps small advantages instead of being scaled up to +-1.
     """
     r = rewards.reshape(-1, group_size).astype(jnp.float32)
     mean = jnp.mean(r, axis=1, keepdims=True)
     adv = r - mean
     if leave_one_out:
         adv = adv * group_size / (group_size - 1)
-    if std_normalize:
+    if std_normalize and std_over == "group":
         adv = adv / (jnp.std(r, axis=1, keepdims=True) + eps)
+    elif std_normalize and std_over == "batch":
+        centred = (r - mean).reshape(-1)
+        labels = np.zeros(centred.shape[0], np.int64) if strata is None else np.asarray(strata).reshape(-1)
+        if labels.shape != centred.shape:
+            raise ValueError(f"strata has {labels.size} entries for {centred.shape[0]} rewards")
+        std = jnp.zeros_like(centred)
+        for k in np.unique(labels):
+            m = jnp.asarray(labels == k)
+            var = jnp.sum(jnp.where(m, centred, 0.0) ** 2) / jnp.sum(m)
+            std = jnp.where(m, jnp.sqrt(var), std)
+        adv = adv / (std.reshape(adv.shape) + eps)
+    elif std_normalize:
+        raise ValueError(f"std_over must be 'group' or 'batch', got {std_over!r}")
     return adv.reshape(-1)
 
 
