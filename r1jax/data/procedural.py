@@ -504,7 +504,8 @@ class ParityPreferenceTask:
     the parity off the prompt, not off whatever number a summary names (measured on the tiny
     cold-start policy's samples, which often miscopy: a reward model trained on pairs a fifth of
     which miscopy ranks them with a Spearman correlation of 0.31 to the hidden preference, one
-    trained on these 0.84; BENCHMARKS.md). A reward model can learn the preference from pairs (the last
+    trained on these 0.84; BENCHMARKS.md, measured before the reward model read a rollout's summary
+    by the same ids it trained on). A reward model can learn the preference from pairs (the last
     digit decides it); the rule rewards (accuracy, format) cannot see it. `parity_preference` scores any text by it. Numbers
     are 1..max_number; the split key is the number. Extras: "number", "scenario": "general",
     "answer" / "reasoning" empty (a general prompt has no verifiable answer), and "response": a
