@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from scipy.stats import spearmanr  # tied ranks averaged: the preference is 0 / 1
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,11 +31,6 @@ from r1jax.stages.grpo import GRPOIteration, PromptStream, make_reward_fn  # noq
 from r1jax.stages.start import start_stage  # noqa: E402
 from r1jax.train import grpo as G  # noqa: E402
 from r1jax.train.state import make_context  # noqa: E402
-
-
-def spearman(a, b) -> float:
-    ra, rb = (np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def main() -> None:
@@ -85,7 +81,7 @@ def main() -> None:
     scores, prefs = np.asarray(scores), np.asarray(prefs)
     print("summaries by last digit:", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(f"rows {len(prefs)}, hidden preference met {prefs.mean():.3f}")
-    print(f"Spearman(score, preference) {spearman(scores, prefs):.3f}")
+    print(f"Spearman(score, preference) {spearmanr(scores, prefs).statistic:.3f}")
     print(f"within-group correlation, {len(within)} groups whose preference varies: "
           f"{np.mean(within) if within else float('nan'):.3f}")
 

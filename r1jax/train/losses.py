@@ -155,22 +155,19 @@ def group_advantages(rewards: jax.Array, group_size: int, *, std_normalize: bool
     samples that are all as good) then keeps small advantages instead of being scaled up to +-1.
     """
     r = rewards.reshape(-1, group_size).astype(jnp.float32)
-    mean = jnp.mean(r, axis=1, keepdims=True)
-    adv = r - mean
-    if leave_one_out:
-        adv = adv * group_size / (group_size - 1)
+    centred = r - jnp.mean(r, axis=1, keepdims=True)
+    adv = centred * (group_size / (group_size - 1)) if leave_one_out else centred
     if std_normalize and std_over == "group":
         adv = adv / (jnp.std(r, axis=1, keepdims=True) + eps)
     elif std_normalize and std_over == "batch":
-        centred = (r - mean).reshape(-1)
-        labels = np.zeros(centred.shape[0], np.int64) if strata is None else np.asarray(strata).reshape(-1)
-        if labels.shape != centred.shape:
-            raise ValueError(f"strata has {labels.size} entries for {centred.shape[0]} rewards")
-        std = jnp.zeros_like(centred)
+        flat = centred.reshape(-1)
+        labels = np.zeros(flat.shape[0], np.int64) if strata is None else np.asarray(strata).reshape(-1)
+        if labels.shape != flat.shape:
+            raise ValueError(f"strata has {labels.size} entries for {flat.shape[0]} rewards")
+        std = jnp.zeros_like(flat)
         for k in np.unique(labels):
             m = jnp.asarray(labels == k)
-            var = jnp.sum(jnp.where(m, centred, 0.0) ** 2) / jnp.sum(m)
-            std = jnp.where(m, jnp.sqrt(var), std)
+            std = jnp.where(m, jnp.sqrt(jnp.sum(jnp.where(m, flat, 0.0) ** 2) / jnp.sum(m)), std)
         adv = adv / (std.reshape(adv.shape) + eps)
     elif std_normalize:
         raise ValueError(f"std_over must be 'group' or 'batch', got {std_over!r}")
