@@ -1,10 +1,10 @@
 """Helper of tests/test_grpo_runs.py::test_two_processes_score_their_own_rows (not a test).
 
-    python tests/grpo_process_run.py OUT_DIR OVERRIDE...
+    python tests/grpo_process_run.py OUT_DIR MODEL OVERRIDE...
 
-One GRPO run on the tiny MoE (this process's part of a multi-process job, or all of it) with a
-digit-share reward. Writes OUT_DIR/p<process>.json: how many rows this process scored per
-iteration, and the advantages each iteration trained on."""
+One GRPO run on a tiny model (configs/models/MODEL.yaml; this process's part of a multi-process
+job, or all of it) with a digit-share reward. Writes OUT_DIR/p<process>.json: how many rows this
+process scored per iteration, and the advantages each iteration trained on."""
 
 import json
 import sys
@@ -19,9 +19,9 @@ from r1jax.stages import grpo as stage
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def run(out: Path, overrides: list[str]) -> None:
+def run(out: Path, model: str, overrides: list[str]) -> None:
     """The run; also called in-process by the test (the class patch is undone at the end)."""
-    cfg = load_config(CONFIGS / "models" / "tiny_v3.yaml", overrides)
+    cfg = load_config(CONFIGS / "models" / f"{model}.yaml", overrides)
     log = {"scored": [], "advantages": []}
 
     def digit_share(texts, records):
@@ -46,4 +46,4 @@ def run(out: Path, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), sys.argv[2:])
+    run(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])

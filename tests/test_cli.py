@@ -88,6 +88,18 @@ def _cli(*args, measured=False):
                           timeout=120)
 
 
+def _cli_here(*args) -> subprocess.CompletedProcess:
+    """`r1jax ARGS` in this process, for commands refused before any work (no process start-up to pay;
+    the first case of test_pipeline_bad_file_... checks the same error through a child process)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["r1jax", *map(str, args)], rc, out.getvalue(), err.getvalue())
+
+
 def _one_line_error(r) -> str:
     assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-2000:])
     lines = r.stderr.strip().splitlines()
@@ -114,21 +126,21 @@ def test_pipeline_dry_run_plans_every_stage_of_r1_without_allocating():
 
 def test_dry_run_bad_mesh_override_names_key_and_file():
     cfg = CONFIGS / "paper" / "r1_zero_grpo.yaml"
-    line = _one_line_error(_cli("grpo", cfg, "--dry-run", "mesh.expert=7"))
+    line = _one_line_error(_cli_here("grpo", cfg, "--dry-run", "mesh.expert=7"))
     assert "r1_zero_grpo.yaml" in line and "mesh.expert" in line, line
 
 
 def test_pipeline_bad_file_is_one_line_naming_file_and_key(tmp_path):
     missing = tmp_path / "missing.yaml"
-    for extra in ((), ("--dry-run",)):
-        line = _one_line_error(_cli("pipeline", missing, *extra))
+    for run, extra in ((_cli, ()), (_cli_here, ("--dry-run",))):
+        line = _one_line_error(run("pipeline", missing, *extra))
         assert str(missing) in line and "not found" in line, line
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"name: x\ndir: {tmp_path / 'run'}\nstages:\n"
                    f"  - {{name: a, kind: sft, config: {CONFIGS / 'tiny_r1' / 'cold_start.yaml'}, bogus_key: 1}}\n")
     for extra in ((), ("--dry-run",)):
-        line = _one_line_error(_cli("pipeline", bad, *extra))
+        line = _one_line_error(_cli_here("pipeline", bad, *extra))
         assert str(bad) in line and "bogus_key" in line and "unknown key" in line, line
     assert not (tmp_path / "run").exists()
 
@@ -136,6 +148,6 @@ def test_pipeline_bad_file_is_one_line_naming_file_and_key(tmp_path):
 def test_eval_without_a_checkpoint_names_the_path(tmp_path):
     empty = tmp_path / "no_checkpoint"
     empty.mkdir()
-    line = _one_line_error(_cli("eval", CONFIGS / "tiny_r1" / "eval.yaml", f"checkpoint.init_from={empty}"))
+    line = _one_line_error(_cli_here("eval", CONFIGS / "tiny_r1" / "eval.yaml", f"checkpoint.init_from={empty}"))
     assert str(empty) in line and "checkpoint" in line.removeprefix(f"error: {empty}"), line
     assert list(empty.iterdir()) == []  # nothing written into it

@@ -154,7 +154,9 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_two_processes_score_their_own_rows(tmp_path):
     """Rewards by process: in a two-process job each process scores only its half of the rollouts,
-    and the advantages every iteration trains on are those of the same run on one process."""
+    and the advantages every iteration trains on are those of the same run on one process. (The dense
+    student: which rows a process scores is the data axis's business, whatever the model; the MoE's
+    experts across processes are test_sft_runs.py's two-process test.)"""
     import os
     import subprocess
     import sys
@@ -164,15 +166,16 @@ def test_two_processes_score_their_own_rows(tmp_path):
     from grpo_process_run import run
 
     helper = str(ROOT / "tests" / "grpo_process_run.py")
-    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=1", "model.mtp_depth=0", "train.steps=2",
+    mesh = ["mesh.data=2", "mesh.fsdp=4", "mesh.expert=1", "mesh.tensor=1", "train.steps=2",
             "checkpoint.every=2", "distributed.heartbeat_timeout=10", "distributed.initialization_timeout=120"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
                XLA_FLAGS=xla_flags(4))
-    run(tmp_path / "one", [*BASE, *mesh, f"checkpoint.dir={tmp_path / 'run1'}"])  # here: one process, 8 devices
+    # here: one process, 8 devices
+    run(tmp_path / "one", "tiny_qwen2", [*BASE, *mesh, f"checkpoint.dir={tmp_path / 'run1'}"])
     two = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
-                          "--devices-per-process", "4", "--", sys.executable, helper, str(tmp_path / "two"), *BASE,
-                          *mesh, f"checkpoint.dir={tmp_path / 'run2'}"], env=env, capture_output=True, text=True,
-                         timeout=600)
+                          "--devices-per-process", "4", "--", sys.executable, helper, str(tmp_path / "two"),
+                          "tiny_qwen2", *BASE, *mesh, f"checkpoint.dir={tmp_path / 'run2'}"], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-3000:]
     ref = json.loads((tmp_path / "one" / "p0.json").read_text())
     n = 4 * 4  # prompts x group size

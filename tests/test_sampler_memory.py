@@ -60,7 +60,9 @@ def test_generate_temp_memory_within_1_5x_the_kv_cache_and_no_cache_copy(name):
     args = (graphdef, state, jax.ShapeDtypeStruct((prompts, t), jnp.int32), jax.ShapeDtypeStruct((prompts,), jnp.int32),
             jax.eval_shape(lambda: jax.random.key(0)))
     traced = generate.trace(*args, max_new_tokens=new, eos_id=1, temperature=1.0, top_p=0.95, samples_per_prompt=g)
-    compiled = traced.lower().compile()
+    # compiled as a user's program is: with XLA:CPU's default fusion emitters, which this suite's
+    # processes turn off to compile faster (conftest.xla_flags) and which emit the cache writes
+    compiled = traced.lower().compile(compiler_options={"xla_cpu_use_fusion_emitters": True})
 
     # the cache, counted from the config: per token and layer MLA keeps kv_lora + rope values, GQA 2 x K x hd
     per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.is_mla else 2 * cfg.kv_heads * cfg.gqa_head_dim

@@ -308,8 +308,10 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_a_dead_process_fails_the_other_within_bounded_time(tmp_path):
+    # failure detection is the distributed runtime's, whatever the model: the dense student, data x fsdp
     config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", **dict(
-        MULTI, train={"steps": 5000}, checkpoint={"every": 10000},
+        MULTI, base=TINY["base"], model={}, mesh={"data": 2, "fsdp": 4, "expert": 1, "tensor": 1},
+        train={"steps": 5000}, checkpoint={"every": 10000},
         distributed={"heartbeat_timeout": 5, "initialization_timeout": 120}))
     procs = []
     port = __import__("socket").socket()
