@@ -14,7 +14,8 @@ def xla_flags(devices: int) -> str:
     compile time), and the MLIR fusion emitters, which lower each fusion through an MLIR pipeline
     (a third of what is left; the elemental emitters they replaced compile the same fusions in one
     step). The HLO passes (fusion, SPMD partitioning, buffer assignment: what the memory and HLO
-    tests measure) still run unchanged."""
+    tests measure) still run unchanged; a test that reads what the emitters themselves produce (the
+    sampler's in-place cache writes, test_sampler_memory.py) compiles with them on."""
     return (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
             " --xla_cpu_use_fusion_emitters=false")
 
