@@ -150,3 +150,22 @@ def test_stage_result_round_trips_through_its_summary():
                      details={"out": "/x"})
     assert "out" not in ev.summary() and not ev.trains
     assert StageResult.from_summary(ev.summary()).heldout_accuracy() == 0.75
+
+
+def test_one_grpo_iteration_reads_as_six_named_parts_in_one_screen():
+    """Issue 10: GRPOIteration.__call__ calls rollout -> score -> advantages and masks -> log-prob
+    passes -> updates -> metrics, in that order, in one short function, and each part says in its
+    docstring what goes in and out."""
+    tree = ast.parse((PACKAGE / "stages" / "grpo.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GRPOIteration")
+    methods = {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
+    call = methods["__call__"]
+    called = [n.func.attr for n in ast.walk(call) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+              and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"]
+    called.sort(key=lambda name: next(n.lineno for n in ast.walk(call) if isinstance(n, ast.Attribute)
+                                      and n.attr == name))
+    parts = ["rollout", "score", "advantages_and_masks", "logprob_passes", "updates", "metrics"]
+    assert [c for c in called if c in parts] == parts, called
+    assert call.end_lineno - call.lineno + 1 <= 30, "one screen"
+    for name in parts:
+        assert ast.get_docstring(methods[name]), f"GRPOIteration.{name} has no docstring"
