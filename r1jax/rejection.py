@@ -436,7 +436,8 @@ def run_rejection(policy_sample_fn: Callable[[list[Mapping[str, Any]], int], Seq
                   records: Sequence[Mapping[str, Any]], settings: RejectionSettings, template: str,
                   out_dir: str | os.PathLike, non_reasoning: Sequence[Mapping[str, Any]] | None = None, *,
                   reward_fn: Callable | None = None, overwrite: bool = False,
-                  log: Callable[[str], None] | None = None, progress: bool = False) -> dict[str, Any]:
+                  log: Callable[[str], None] | None = None, progress: bool = False,
+                  sampling: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Rejection-sampling stage: sample, select, mix, write. Returns the report written to report.json.
 
     policy_sample_fn(records, k) -> k completions (text after the prompt of `template`) per record,
@@ -445,7 +446,8 @@ def run_rejection(policy_sample_fn: Callable[[list[Mapping[str, Any]], int], Seq
     mixed in at settings.non_reasoning_ratio (`mix`); None or empty keeps only reasoning examples.
     reward_fn: see `select`. log: called with a progress line after each batch. progress: show a
     progress bar (r1jax.progress: plain lines when stderr is no terminal; process 0 only).
-    The report: `summarize` of all batches + {"template", "settings", "mix": {"reasoning",
+    sampling: how policy_sample_fn draws (temperature, top_p, ...), recorded in the report as it is.
+    The report: `summarize` of all batches + {"template", "settings", "sampling", "mix": {"reasoning",
     "non_reasoning"}, "seconds", "samples_per_second", "scoring"} (+ "dataset", see write_dataset);
     "scoring" is the reward_fn's `stats` over this run (a RewardFn's: timeouts, refusals, worker
     restarts, over-long completions, peak worker RSS), None without one.
@@ -477,6 +479,7 @@ def run_rejection(policy_sample_fn: Callable[[list[Mapping[str, Any]], int], Seq
     ratio = settings.non_reasoning_ratio if non_reasoning else 0.0
     examples = mix(kept, non_reasoning or [], ratio, settings.seed)
     report = {**summarize(counts), "template": template, "settings": dataclasses.asdict(settings),
+              "sampling": dict(sampling) if sampling is not None else None,
               "mix": {"reasoning": len(kept), "non_reasoning": len(examples) - len(kept)},
               "seconds": seconds, "samples_per_second": n * settings.samples_per_prompt / seconds if seconds else 0.0,
               "scoring": stats_delta(stats_before, stats()) if stats_before is not None else None}

@@ -139,6 +139,9 @@ def test_pipeline_runs_every_stage_and_writes_a_report(uninterrupted):
     assert ev["pass@1"] == sum(row["n_correct"] for row in rows) / (2 * 8)
     rej = json.loads((run / "rejection" / "stage.json").read_text())
     assert rej["samples"] == 16 and rej["accepted"] + sum(rej["rejected"].values()) == 16
+    # The dataset's report says how its samples were drawn: the rejection config's sampling section.
+    drawn = json.loads((run / "rejection" / "dataset" / "report.json").read_text())["sampling"]
+    assert (drawn["temperature"], drawn["top_p"], drawn["max_new_tokens"]) == (0.6, 0.95, 16)
     # A second run of the same command does nothing but report.
     again = subprocess.run(command(run.parent / "cfg" / "pipeline.yaml"), env=env(), capture_output=True, text=True,
                            timeout=300)

@@ -409,6 +409,14 @@ def test_run_rejection_end_to_end(tmp_path):
     assert len(batches) == 3  # refused before sampling
 
 
+def test_run_rejection_records_how_it_sampled(tmp_path):
+    drawn = {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_new_tokens": 80}
+    report = run_rejection(stub_policy, records(), SETTINGS, "r1_zero", tmp_path / "a", sampling=drawn)
+    assert report["sampling"] == drawn
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["sampling"] == drawn
+    assert run_rejection(stub_policy, records(), SETTINGS, "r1_zero", tmp_path / "b")["sampling"] is None
+
+
 def test_run_rejection_checks_records_before_sampling_and_checks_the_policy(tmp_path):
     def never(batch, k):
         raise AssertionError("sampled before the records were checked")

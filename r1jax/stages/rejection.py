@@ -8,6 +8,7 @@ write_dataset), with the policy's tokenizer beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -92,7 +93,7 @@ def run_rejection_stage(cfg: Config) -> StageResult:
     target = out if jax.process_index() == 0 else Path(tempfile.mkdtemp(prefix="r1jax-rejection-")) / "dataset"
     try:
         report = run_rejection(sample, records, r, cfg.data.template, target, non_reasoning, reward_fn=reward_fn,
-                               overwrite=False, progress=True)
+                               overwrite=False, progress=True, sampling=dataclasses.asdict(s))
     finally:
         reward_fn.close()
         if target != out:
